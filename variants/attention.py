@@ -1,0 +1,124 @@
+"""One causal self-attention module for MHA, GQA and MQA, with three interchangeable kernels.
+
+`n_kv_heads` picks the variant: n_heads (MHA, Vaswani et al. 2017), a divisor of n_heads (GQA, Ainslie
+et al. 2023) or 1 (MQA, Shazeer 2019). Which keys a query sees is a mask pattern (masks.py), not a
+subclass: causal, sliding window or strided sparse, always intersected with same-document when the
+model is given document ids.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from .masks import Causal, SlidingWindow
+from .position import apply_rotary
+
+
+class EagerKernel:
+    """Reference: explicit softmax(QK^T / sqrt(d) + mask) V in float32, K/V heads repeated for GQA."""
+
+    def __call__(self, q, k, v, pattern, ctx, scale):
+        mask = ctx.cached(("dense", pattern), lambda: ctx.dense(pattern))
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, Tq, Tkv)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+class SDPAKernel:
+    """torch's scaled_dot_product_attention (flash / memory-efficient / math backends). Plain causal
+    attention takes the `is_causal` fast path; other patterns pass a dense boolean mask."""
+
+    def __call__(self, q, k, v, pattern, ctx, scale):
+        plain = isinstance(pattern, Causal) and ctx.q_doc is None
+        if plain and ctx.q_offset == 0 and ctx.q_len == ctx.kv_len:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        if plain and ctx.q_len == 1:  # one new token sees the whole cache
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+        mask = ctx.cached(("dense", pattern), lambda: ctx.dense(pattern))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+class FlexKernel:
+    """FlexAttention (Dong et al. 2024): the mask predicate becomes a block-sparse mask, so sliding,
+    strided and document masks skip whole blocks of work. Compiled on CUDA; eager elsewhere."""
+
+    _compiled = None
+
+    def __call__(self, q, k, v, pattern, ctx, scale):
+        if q.device.type == "cpu" and q.requires_grad:
+            raise RuntimeError(
+                "FlexAttention has no backward pass on CPU in this torch; train with "
+                "model.attention.kernel=sdpa (flex works on CPU for inference under torch.no_grad())")
+        B = None if ctx.q_doc is None else q.shape[0]
+        block_mask = ctx.cached(("flex", pattern), lambda: create_block_mask(
+            ctx.mask_mod(pattern), B, None, ctx.q_len, ctx.kv_len, device=q.device))
+        attend = flex_attention
+        if q.device.type == "cuda":
+            if FlexKernel._compiled is None:
+                FlexKernel._compiled = torch.compile(flex_attention, dynamic=False)
+            attend = FlexKernel._compiled
+        return attend(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+
+KERNELS = {"eager": EagerKernel(), "sdpa": SDPAKernel(), "flex": FlexKernel()}
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with `n_kv_heads` key/value heads.
+
+    Args:
+        d_model: model width.
+        n_heads: query heads.
+        n_kv_heads: key/value heads; None means n_heads (MHA). Must divide n_heads.
+        head_dim: per-head size; None means d_model // n_heads.
+        kernel: "eager", "sdpa" or "flex".
+        window: if set and no `pattern` is given, sliding-window attention over the last `window` tokens.
+        pattern: a mask predicate from masks.py (the model passes one per layer for dense/sparse schedules).
+        bias: biases on the q/k/v/o projections.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
+                 kernel: str = "sdpa", window: int | None = None, pattern=None, bias: bool = False):
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if n_heads < 1 or n_kv_heads < 1:
+            raise ValueError(f"model.n_heads={n_heads} and model.attention.n_kv_heads={n_kv_heads} must be >= 1")
+        if head_dim is None:
+            if d_model % n_heads:
+                raise ValueError(f"model.n_heads={n_heads} does not divide model.d_model={d_model}")
+            head_dim = d_model // n_heads
+        if n_heads % n_kv_heads:
+            raise ValueError(
+                f"model.attention.n_kv_heads={n_kv_heads} must divide model.n_heads={n_heads} "
+                f"(each key/value head serves a whole group of query heads)")
+        if kernel not in KERNELS:
+            raise ValueError(f"model.attention.kernel={kernel!r} is not one of {sorted(KERNELS)}")
+        if pattern is not None and window is not None:
+            raise ValueError("set either model.attention.window or a per-layer attention schedule, not both")
+        self.pattern = pattern if pattern is not None else (SlidingWindow(window) if window is not None else Causal())
+        self.n_heads, self.n_kv_heads, self.head_dim, self.kernel = n_heads, n_kv_heads, head_dim, kernel
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+        self.o_proj.is_residual_projection = True  # scaled init, see TransformerLM.reset_parameters
+
+    def forward(self, x, rotary=None, ctx=None, cache=None):
+        """x: (B, T, d_model); rotary: (cos, sin) or None; ctx: AttentionContext; cache: a LayerCache."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None:
+            k, v = cache.update(k, v)  # all keys/values so far, (B, Hkv, Tkv, hd)
+        if ctx is None:
+            from .masks import AttentionContext
+            ctx = AttentionContext(T, k.shape[2], k.shape[2] - T, device=x.device)
+        y = KERNELS[self.kernel](q, k, v, self.pattern, ctx, 1.0 / math.sqrt(self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -1,0 +1,34 @@
+"""Transformer blocks: where the norm sits is the whole difference.
+
+Post-norm (Vaswani et al. 2017): x = norm(x + sublayer(x)); the residual stream is normalised after every
+sublayer. Pre-norm (GPT-2 onward, Xiong et al. 2020): x = x + sublayer(norm(x)); the stream is left
+untouched and the model needs a final norm before the head.
+"""
+from torch import nn
+
+
+class PreNormBlock(nn.Module):
+    needs_final_norm = True
+
+    def __init__(self, attention: nn.Module, ffn: nn.Module, norm1: nn.Module, norm2: nn.Module):
+        super().__init__()
+        self.attn_norm, self.attn, self.ffn_norm, self.ffn = norm1, attention, norm2, ffn
+
+    def forward(self, x, rotary=None, ctx=None, cache=None):
+        x = x + self.attn(self.attn_norm(x), rotary, ctx, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class PostNormBlock(nn.Module):
+    needs_final_norm = False
+
+    def __init__(self, attention: nn.Module, ffn: nn.Module, norm1: nn.Module, norm2: nn.Module):
+        super().__init__()
+        self.attn_norm, self.attn, self.ffn_norm, self.ffn = norm1, attention, norm2, ffn
+
+    def forward(self, x, rotary=None, ctx=None, cache=None):
+        x = self.attn_norm(x + self.attn(x, rotary, ctx, cache))
+        return self.ffn_norm(x + self.ffn(x))
+
+
+BLOCKS = {"pre": PreNormBlock, "post": PostNormBlock}

@@ -1,0 +1,84 @@
+"""Attention mask patterns as small predicates over (query index, key index).
+
+A pattern is a frozen dataclass whose `__call__(q_idx, kv_idx)` returns a boolean (tensor): True where the
+query may attend to the key. Indices are absolute positions in the sequence (a KV cache offsets the query
+indices), and the same function is used two ways:
+  * as a FlexAttention `mask_mod` (scalar tensors, traced into a block mask);
+  * evaluated by broadcasting (q_idx[:, None], kv_idx[None, :]) into a dense boolean mask for SDPA/eager.
+Same-document masking for packed rows is added on top by `AttentionContext`, for every pattern.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Causal:
+    """Dense causal attention: every earlier token and itself."""
+
+    def __call__(self, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """Local attention to the last `window` tokens, itself included (Mistral, Phi-3's `sliding_window`)."""
+
+    window: int
+
+    def __post_init__(self):
+        if self.window < 1:
+            raise ValueError(f"sliding window must be >= 1, got model.attention.window={self.window}")
+
+    def __call__(self, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < self.window)
+
+
+@dataclass(frozen=True)
+class StridedSparse:
+    """Strided sparse attention of Child et al. 2019 (Sparse Transformers), its two heads' patterns
+    merged: the last `stride` tokens, plus every earlier token a multiple of `stride` back."""
+
+    stride: int
+
+    def __post_init__(self):
+        if self.stride < 1:
+            raise ValueError(f"strided sparse attention needs stride >= 1, got {self.stride}")
+
+    def __call__(self, q_idx, kv_idx):
+        offset = q_idx - kv_idx
+        return (offset >= 0) & ((offset < self.stride) | (offset % self.stride == 0))
+
+
+class AttentionContext:
+    """What every attention layer of one forward call shares: query/key document ids, the cache offset,
+    and masks already built for a (kernel, pattern), so a block mask is built once per call, not per layer.
+
+    q_doc: (B, Tq) or None; kv_doc: (B, Tkv) or None; q_offset: absolute index of the first query.
+    """
+
+    def __init__(self, q_len: int, kv_len: int, q_offset: int = 0, q_doc=None, kv_doc=None, device="cpu"):
+        self.q_len, self.kv_len, self.q_offset = q_len, kv_len, q_offset
+        self.q_doc, self.kv_doc, self.device = q_doc, kv_doc, device
+        self._built = {}
+
+    def mask_mod(self, pattern):
+        """FlexAttention mask_mod(b, h, q_idx, kv_idx) for `pattern` plus same-document."""
+        offset, q_doc, kv_doc = self.q_offset, self.q_doc, self.kv_doc
+        if q_doc is None:
+            return lambda b, h, q_idx, kv_idx: pattern(q_idx + offset, kv_idx)
+        return lambda b, h, q_idx, kv_idx: pattern(q_idx + offset, kv_idx) & (q_doc[b, q_idx] == kv_doc[b, kv_idx])
+
+    def dense(self, pattern):
+        """Boolean mask (B or 1, 1, Tq, Tkv), True = attend."""
+        q_idx = torch.arange(self.q_len, device=self.device)[:, None] + self.q_offset
+        kv_idx = torch.arange(self.kv_len, device=self.device)[None, :]
+        mask = pattern(q_idx, kv_idx)[None, None]
+        if self.q_doc is not None:
+            mask = mask & (self.q_doc[:, None, :, None] == self.kv_doc[:, None, None, :])
+        return mask
+
+    def cached(self, key, build):
+        if key not in self._built:
+            self._built[key] = build()
+        return self._built[key]

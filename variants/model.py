@@ -1,0 +1,155 @@
+"""TransformerLM: a decoder-only language model assembled from swappable parts.
+
+    tokens -> embedding (+ absolute positions) -> n_layers x block(attention, ffn, norms) -> [final norm]
+           -> LM head -> logits
+
+Every part arrives as a factory (a class or a `functools.partial`, which is what Hydra's `_partial_: true`
+produces) and the model hands it the shared sizes, so a user's own class plugs in through config.
+"""
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+from .block import BLOCKS
+from .cache import KVCache
+from .ffn import GatedMLP
+from .masks import AttentionContext
+from .position import RoPE, positions_from_documents
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only transformer.
+
+    Args:
+        vocab_size, d_model, n_layers, n_heads, max_seq_len: the sizes.
+        attention: factory called as attention(d_model=, n_heads=, head_dim=[, pattern=]) -> Attention.
+        ffn: factory called as ffn(d_model) -> e.g. MLP or GatedMLP.
+        norm: factory called as norm(d_model) -> e.g. nn.RMSNorm or nn.LayerNorm.
+        position: factory called as position(d_model=, head_dim=, max_seq_len=) -> a position module.
+        norm_position: "pre" or "post".
+        tie_embeddings: share the token embedding with the LM head.
+        attention_schedule: mask patterns cycled over the layers (e.g. [Causal(), StridedSparse(16)] for
+            GPT-3's alternation of dense and sparse layers); None uses the attention factory's own.
+        head_dim: per-head size; None means d_model // n_heads.
+        init_std: std of the normal init; residual output projections get init_std / sqrt(2 n_layers)
+            (GPT-2), so the residual stream's variance does not grow with depth.
+    Defaults give the Llama block: pre-norm RMSNorm, SwiGLU, RoPE, MHA.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int, max_seq_len: int,
+                 attention=Attention, ffn=GatedMLP, norm=nn.RMSNorm, position=RoPE, norm_position: str = "pre",
+                 tie_embeddings: bool = False, attention_schedule=None, head_dim: int | None = None,
+                 init_std: float = 0.02):
+        super().__init__()
+        for key, value in [("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
+                           ("n_heads", n_heads), ("max_seq_len", max_seq_len)]:
+            if value is None or value < 1:
+                raise ValueError(f"model.{key} must be a positive integer, got {value}")
+        if head_dim is None and d_model % n_heads:
+            raise ValueError(f"model.n_heads={n_heads} does not divide model.d_model={d_model}")
+        if norm_position not in BLOCKS:
+            raise ValueError(f"model.norm_position={norm_position!r} must be one of {sorted(BLOCKS)}")
+        if attention_schedule is not None and len(attention_schedule) == 0:
+            raise ValueError("model.attention_schedule must be null or a non-empty list of mask patterns")
+        self.vocab_size, self.d_model, self.n_layers, self.n_heads = vocab_size, d_model, n_layers, n_heads
+        self.max_seq_len, self.norm_position, self.init_std = max_seq_len, norm_position, init_std
+        self.head_dim = head_dim or d_model // n_heads
+
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.position = position(d_model=d_model, head_dim=self.head_dim, max_seq_len=max_seq_len)
+        block_cls = BLOCKS[norm_position]
+        blocks = []
+        for i in range(n_layers):
+            pattern = {} if attention_schedule is None else {"pattern": attention_schedule[i % len(attention_schedule)]}
+            attn = attention(d_model=d_model, n_heads=n_heads, head_dim=self.head_dim, **pattern)
+            blocks.append(block_cls(attn, ffn(d_model), norm(d_model), norm(d_model)))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = norm(d_model) if block_cls.needs_final_norm else nn.Identity()
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        if tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.tie_embeddings = tie_embeddings
+        self.reset_parameters()
+
+    # -- construction -----------------------------------------------------------------------------
+    def reset_parameters(self):
+        residual_std = self.init_std / math.sqrt(2 * self.n_layers)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if getattr(module, "is_residual_projection", False) else self.init_std
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=self.init_std)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.blocks[0].attn.n_kv_heads
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied head counts once); optionally without token/position embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+            n -= sum(p.numel() for p in self.position.parameters())
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 x matmul parameters plus attention's
+        QK^T and AV, 12 x n_layers x n_heads x head_dim x seq_len (PaLM, Chowdhery et al. 2022, app. B)."""
+        matmul_params = self.num_params(exclude_embeddings=True) + self.lm_head.weight.numel() * self.tie_embeddings
+        return 6 * matmul_params + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+
+    # -- KV cache -----------------------------------------------------------------------------------
+    def kv_cache_bytes_per_token(self, dtype=torch.float32) -> int:
+        return KVCache.bytes_per_token(self.n_layers, self.n_kv_heads, self.head_dim, dtype)
+
+    def allocate_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> KVCache:
+        ref = self.embed.weight
+        return KVCache(self.n_layers, batch_size, self.n_kv_heads, self.head_dim, max_len or self.max_seq_len,
+                       dtype=dtype or ref.dtype, device=device or ref.device)
+
+    # -- forward --------------------------------------------------------------------------------------
+    def forward(self, input_ids, position_ids=None, document_ids=None, cache: KVCache | None = None):
+        """input_ids: (B, T) -> logits (B, T, vocab_size).
+
+        document_ids (B, T): tokens attend only within their own document (packed rows, padding); when
+        position_ids is None they restart at 0 at every document. With `cache`, the call continues the
+        cached sequence: positions, masks and documents carry on from the cached tokens.
+        """
+        B, T = input_ids.shape
+        offset = cache.length if cache is not None else 0
+        if cache is not None and document_ids is None and offset > 0:
+            document_ids = cache.document_ids[:, offset - 1:offset].expand(B, T)  # continue the last document
+        if position_ids is None:
+            if document_ids is not None:
+                prev = (cache.document_ids[:, offset - 1], cache.position_ids[:, offset - 1]) if offset else (None, None)
+                position_ids = positions_from_documents(document_ids, *prev)
+            else:
+                position_ids = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
+        kv_doc = document_ids
+        if cache is not None and document_ids is not None:
+            kv_doc = torch.cat([cache.document_ids[:, :offset], document_ids], dim=1)
+        ctx = AttentionContext(T, offset + T, offset, document_ids, kv_doc, device=input_ids.device)
+
+        x = self.embed(input_ids)
+        x, rotary = self.position(x, position_ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rotary, ctx, cache.layer(i) if cache is not None else None)
+        logits = self.lm_head(self.norm(x))
+        if cache is not None:
+            docs = document_ids if document_ids is not None else torch.zeros_like(input_ids)
+            cache.advance(docs, position_ids)
+        return logits
+
+    def loss(self, input_ids, labels, position_ids=None, document_ids=None):
+        """Mean cross-entropy over targets != -100 (masked document boundaries and padding)."""
+        logits = self(input_ids, position_ids=position_ids, document_ids=document_ids)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
