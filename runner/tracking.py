@@ -1,0 +1,139 @@
+"""results.json (always, first) and Weights & Biases (when enabled).
+
+Every job writes `results.json` in its Hydra output directory before anything else can fail, and rewrites
+it atomically as the run progresses, so a crash, an out-of-memory error or a SIGTERM never loses a run.
+"""
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def output_dir() -> Path:
+    """The Hydra job's output directory (falls back to the cwd outside Hydra)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:
+        return Path.cwd()
+
+
+def atomic_write_json(path: Path, payload: dict) -> None:
+    """Write to a temporary file in the same directory and rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2, default=_jsonable)
+    os.replace(tmp, path)
+
+
+def _jsonable(x):
+    if hasattr(x, "item"):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    return str(x)
+
+
+def variant_fields(cfg: DictConfig) -> dict:
+    """The variant choices as flat fields, the columns a comparison groups by."""
+    choices = {}
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        choices = dict(HydraConfig.get().runtime.choices)
+    except Exception:
+        pass
+    m = cfg.model
+    attn = m.get("attention", {}) or {}
+    schedule = m.get("attention_schedule")
+    target = lambda node: (node or {}).get("_target_", "").rsplit(".", 1)[-1] if node else None
+    return {
+        "preset": choices.get("model"),
+        "norm": choices.get("model/norm") or target(m.get("norm")),
+        "norm_position": m.get("norm_position"),
+        "ffn": choices.get("model/ffn") or target(m.get("ffn")),
+        "position": choices.get("model/position") or target(m.get("position")),
+        "attention": choices.get("model/attention") or target(attn),
+        "n_heads": m.get("n_heads"),
+        "n_kv_heads": attn.get("n_kv_heads"),
+        "kernel": attn.get("kernel"),
+        "window": attn.get("window"),
+        "attention_schedule": None if schedule is None else [
+            target(p) + (f"({p.get('stride', p.get('window'))})" if p.get("stride", p.get("window")) else "")
+            for p in schedule],
+        "d_model": m.get("d_model"),
+        "n_layers": m.get("n_layers"),
+        "seq_len": cfg.get("data", {}).get("seq_len"),
+        "seed": cfg.get("train", {}).get("seed"),
+    }
+
+
+def environment() -> dict:
+    import torch
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "datasets", "tokenizers", "wandb", "hydra"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:
+            versions[name] = None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {
+        "device": device,
+        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "hostname": platform.node(),
+        "versions": versions,
+        "argv": sys.argv,
+    }
+
+
+class Results:
+    """The run's record: results.json, rewritten atomically whenever it changes."""
+
+    def __init__(self, cfg: DictConfig, out_dir: Path | None = None, task: str | None = None):
+        self.path = Path(out_dir or output_dir()) / "results.json"
+        self.data = {
+            "status": "running",
+            "task": task or cfg.get("task"),
+            "variant": variant_fields(cfg),
+            "params": None,
+            "metrics": {},
+            "curves": {"train": [], "val": []},
+            "bench": None,
+            "error": None,
+            "config": OmegaConf.to_container(cfg, resolve=False),
+            "output_dir": str(self.path.parent),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "finished_at": None,
+            **environment(),
+        }
+        try:
+            self.data["config"] = OmegaConf.to_container(cfg, resolve=True)
+        except Exception:  # an unresolvable interpolation is itself the error worth recording
+            pass
+        self.write()
+
+    def update(self, **fields):
+        self.data.update(fields)
+        self.write()
+
+    def finish(self, status: str, error: BaseException | None = None):
+        self.data["status"] = status
+        self.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if error is not None:
+            self.data["error"] = {"type": type(error).__name__, "message": str(error)}
+        self.write()
+
+    def write(self):
+        atomic_write_json(self.path, self.data)
+
+
+def is_oom(error: BaseException) -> bool:
+    import torch
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
