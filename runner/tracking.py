@@ -137,3 +137,88 @@ class Results:
 def is_oom(error: BaseException) -> bool:
     import torch
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def sweep_group(cfg: DictConfig) -> str | None:
+    """Runs of one Hydra multirun share a W&B group: the sweep directory's path below `outputs/`."""
+    if cfg.get("logger", {}).get("group"):
+        return cfg.logger.group
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return "sweep-" + "_".join(Path(hc.sweep.dir).parts[-2:])
+    except Exception:
+        pass
+    return None
+
+
+class WandbLogger:
+    """Thin wrapper over wandb: offline when there is no API key, never fatal to the run."""
+
+    def __init__(self, cfg: DictConfig, results: Results):
+        import wandb
+        self.wandb = wandb
+        lc = cfg.logger
+        mode = lc.get("mode", "auto")
+        if mode == "auto":
+            has_key = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb_key()
+            mode = "online" if has_key and os.environ.get("WANDB_MODE") != "offline" else "offline"
+        variant = results.data["variant"]
+        tags = [f"{k}={v}" for k, v in variant.items()
+                if k in ("preset", "norm", "norm_position", "ffn", "position", "attention", "kernel") and v]
+        tags += list(lc.get("tags", []) or [])
+        run_dir = Path(lc.get("dir") or results.path.parent)
+        kwargs = dict(project=lc.project, entity=lc.get("entity"), group=sweep_group(cfg),
+                      name=run_dir.name, dir=str(run_dir), tags=tags[:64], reinit="finish_previous",
+                      config={**OmegaConf.to_container(cfg, resolve=True), "variant": variant})
+        try:
+            self.run = wandb.init(mode=mode, **kwargs)
+        except Exception as err:  # no network, bad key: keep the run and log offline
+            print(f"W&B {mode} init failed ({err}); logging offline instead")
+            self.run = wandb.init(mode="offline", **kwargs)
+        self.mode = mode
+        self.run.define_metric("step")
+        for name in ("train/*", "val/*", "perf/*"):
+            self.run.define_metric(name, step_metric="step")
+        self.run.define_metric("val/loss", step_metric="step", summary="min")
+        self.run.define_metric("val/ppl", step_metric="step", summary="min")
+        results.update(wandb={"mode": mode, "dir": str(self.run.dir), "id": self.run.id,
+                              "group": kwargs["group"], "project": lc.project})
+
+    def log(self, metrics: dict, step: int):
+        self.run.log({"step": step, **metrics})
+
+    def log_table(self, key: str, rows: list[dict]):
+        if rows:
+            columns = sorted({k for row in rows for k in row})
+            self.run.log({key: self.wandb.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns]
+                                                                       for r in rows])})
+
+    def summary(self, values: dict):
+        for k, v in values.items():
+            self.run.summary[k] = v
+
+    def finish(self, status: str):
+        self.run.summary["status"] = status
+        self.run.finish(exit_code=0 if status == "ok" else 1)
+
+
+def _cell(v):
+    return v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v, default=str)
+
+
+def _netrc_has_wandb_key() -> bool:
+    try:
+        import netrc
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except Exception:
+        return False
+
+
+def start_logger(cfg: DictConfig, results: Results):
+    """A WandbLogger for logger=wandb, None for logger=none."""
+    if cfg.get("logger", {}).get("name", "none") != "wandb" or cfg.logger.get("mode") == "disabled":
+        return None
+    return WandbLogger(cfg, results)

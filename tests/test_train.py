@@ -1,0 +1,135 @@
+"""The main job end to end on tiny configs, in subprocesses exactly as users run it."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.attention.n_kv_heads=1",
+        "train.max_steps=6", "train.batch_size=4", "train.eval_every=3", "train.eval_batches=2",
+        "train.log_every=1", "train.warmup_steps=2", "train.bench=false", "data.max_documents=60",
+        "tokenizer.vocab_size=300", "data.seq_len=32", "logger=none"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def run(args, cwd, cache_dir, check=True, env=None, **kwargs):
+    cmd = [sys.executable, str(ROOT / "run.py"), *TINY, f"cache_dir={cache_dir}", *args]
+    full_env = {**os.environ, "WANDB_SILENT": "true", **(env or {})}
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=full_env, **kwargs)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def results(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "results.json").read_text())
+
+
+def test_results_json_holds_the_run(tmp_path, cache_dir):
+    out = run(["hydra.run.dir=run"], tmp_path, cache_dir)
+    r = results(tmp_path / "run")
+    assert r["status"] == "ok"
+    assert r["variant"]["preset"] == "gqa_rope" and r["variant"]["attention"] == "gqa"
+    assert r["variant"]["n_kv_heads"] == 1 and r["variant"]["norm"] == "rmsnorm"
+    assert r["params"] > 0
+    m = r["metrics"]
+    for key in ("val_loss", "val_ppl", "final_train_loss", "train_tokens_per_s", "val_tokens"):
+        assert m[key] is not None and m[key] > 0, key
+    assert abs(m["val_ppl"] - pytest.approx(2.718281828 ** m["val_loss"], rel=1e-6)) < 1e-6 * m["val_ppl"]
+    assert [p["step"] for p in r["curves"]["train"]] == [1, 2, 3, 4, 5, 6]
+    assert [p["step"] for p in r["curves"]["val"]] == [3, 6]
+    assert r["config"]["model"]["d_model"] == 32 and r["versions"]["torch"]
+    assert "val loss / ppl" in out.stdout  # the summary table
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, cache_dir):
+    run(["hydra.run.dir=run", "train.checkpoint_every=3"], tmp_path, cache_dir)
+    full = results(tmp_path / "run")["curves"]
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("step_*.pt"))
+    assert [c.name for c in ckpts] == ["step_0000003.pt", "step_0000006.pt"]
+    ckpts[-1].unlink()  # as if the run had died after step 3's checkpoint
+    (tmp_path / "run" / "checkpoints" / ".tmp_step_0000005.pt").write_bytes(b"half-written")  # never loaded
+    run(["hydra.run.dir=run", "train.checkpoint_every=3", "train.resume=true"], tmp_path, cache_dir)
+    resumed = results(tmp_path / "run")
+    assert resumed["resumed_from"].endswith("step_0000003.pt")
+    assert resumed["curves"]["train"] == full["train"]  # bit-for-bit on CPU
+    assert resumed["curves"]["val"] == full["val"]
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, cache_dir):
+    run(["hydra.run.dir=warm", "train.max_steps=1"], tmp_path, cache_dir)  # data cached: the next start is fast
+    cmd = [sys.executable, str(ROOT / "run.py"), *TINY, f"cache_dir={cache_dir}", "hydra.run.dir=run",
+           "train.max_steps=100000", "train.checkpoint_every=1000000", "train.eval_every=0"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "WANDB_SILENT": "true"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "run" / "results.json").exists():
+        time.sleep(0.2)
+    time.sleep(3.0)  # well into the loop
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    r = results(tmp_path / "run")
+    assert r["status"] == "interrupted"
+    ckpts = list((tmp_path / "run" / "checkpoints").glob("step_*.pt"))
+    assert len(ckpts) == 1
+    stopped_at = int(ckpts[0].stem.split("_")[1])
+    assert stopped_at > 0
+    run(["hydra.run.dir=run", f"train.max_steps={stopped_at + 2}", "train.resume=true", "train.eval_every=0"],
+        tmp_path, cache_dir)
+    r = results(tmp_path / "run")
+    assert r["status"] == "ok" and r["metrics"]["steps"] == stopped_at + 2
+
+
+def test_non_finite_loss_stops_the_run_and_names_the_step(tmp_path, cache_dir):
+    out = run(["hydra.run.dir=run", "train.fail_at_step=2"], tmp_path, cache_dir, check=False)
+    assert out.returncode != 0
+    r = results(tmp_path / "run")
+    assert r["status"] == "failed"
+    assert r["error"]["type"] == "FloatingPointError" and "at step 2" in r["error"]["message"]
+
+
+def test_bad_config_writes_a_failed_result_before_reading_data(tmp_path, cache_dir):
+    out = run(["hydra.run.dir=run", "model.attention.n_kv_heads=3", f"cache_dir={tmp_path / 'empty'}"],
+              tmp_path, cache_dir, check=False)
+    assert out.returncode != 0
+    r = results(tmp_path / "run")
+    assert r["status"] == "failed" and "n_kv_heads=3" in r["error"]["message"]
+    assert not (tmp_path / "empty").exists()  # failed before any data was read or cached
+
+
+def test_wandb_offline_run_is_created_without_a_key(tmp_path, cache_dir):
+    env = {"WANDB_API_KEY": "", "WANDB_MODE": "", "HOME": str(tmp_path)}  # no key, no netrc
+    run(["hydra.run.dir=run", "logger=wandb"], tmp_path, cache_dir, env=env)
+    r = results(tmp_path / "run")
+    assert r["status"] == "ok" and r["wandb"]["mode"] == "offline"
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb"))  # the run's log, ready for `wandb sync`
+
+
+def test_multirun_writes_one_result_per_job_and_survives_a_failing_job(tmp_path, cache_dir):
+    out = run(["-m", "model.attention.n_kv_heads=1,3,2", "hydra.sweep.dir=sweep"], tmp_path, cache_dir,
+              check=False)
+    found = {r["config"]["model"]["attention"]["n_kv_heads"]: r
+             for r in map(lambda p: json.loads(p.read_text()), (tmp_path / "sweep").glob("*/results.json"))}
+    assert sorted(found) == [1, 2, 3], out.stderr[-2000:]
+    assert found[1]["status"] == "ok" and found[2]["status"] == "ok"  # the job after the failure still ran
+    assert found[3]["status"] == "failed"
+
+
+def test_two_presets_sweep(tmp_path, cache_dir):
+    run(["-m", "model=mha_rope,gqa_rope", "hydra.sweep.dir=sweep"], tmp_path, cache_dir)
+    statuses = sorted((json.loads(p.read_text())["variant"]["preset"], json.loads(p.read_text())["status"])
+                      for p in (tmp_path / "sweep").glob("*/results.json"))
+    assert statuses == [("gqa_rope", "ok"), ("mha_rope", "ok")]
