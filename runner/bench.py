@@ -1,0 +1,401 @@
+"""`python run.py task=bench`: speed, memory and perplexity of one model, side by side.
+
+    run_suite(model, cfg, device, metrics) -> the `bench` section of results.json
+
+measures, with warm-up, synchronisation and several repeats (median and spread, runner/bench_timing.py):
+  train      one optimizer step (forward, backward, clipping, AdamW) on random tokens: tokens/s and MFU
+  prefill    a prompt through the model into a static KV cache, at several prompt lengths
+  decode     greedy generation of `new_tokens` tokens at several batch sizes, with the KV cache and
+             without it (then every step re-runs the whole sequence)
+  memory     peak memory of every point; KV-cache bytes per token measured from an allocated cache and
+             checked against 2 x layers x kv_heads x head_dim x bytes
+  kernels    eager vs SDPA vs FlexAttention on the same masks (runner/bench_kernels.py)
+  reference  Phi-3 configurations against transformers' Phi3ForCausalLM (runner/bench_reference.py)
+A point that runs out of memory is recorded as {"status": "oom"} and the suite goes on.
+runner/BENCH.md documents every figure.
+"""
+import copy
+import platform
+import time
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from runner.bench_kernels import kernel_points
+from runner.bench_reference import reference_comparison, wants_reference
+from runner.bench_timing import PeakMemory, free_memory, guarded, memory_kind, throughput, time_fn
+from runner.build import build_model, resolve_device
+from runner.flops import device_memory_bandwidth, device_peak_flops, peak_source
+from runner.tracking import Results, is_oom, start_logger
+
+__all__ = ["run_suite", "main", "device_peak_flops", "kv_cache_size", "print_table"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"bench.dtype={name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def profile_settings(bc: DictConfig, device: torch.device) -> tuple[str, dict]:
+    """The sizes under bench.cpu or bench.gpu (bench.profile=auto picks by device)."""
+    name = bc.profile if bc.profile != "auto" else ("gpu" if device.type == "cuda" else "cpu")
+    if name not in ("cpu", "gpu"):
+        raise ValueError(f"bench.profile={bc.profile!r} must be auto, cpu or gpu")
+    return name, OmegaConf.to_container(bc[name], resolve=True)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def random_ids(vocab_size: int, batch_size: int, length: int, device, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch_size, length), generator=gen).to(device)
+
+
+@contextmanager
+def inference_model(model, dtype, device):
+    """The model with its parameters in `dtype`, in eval mode. If they already are, the model itself;
+    else a cast copy, and on CUDA the original waits on the host meanwhile, so that memory figures count
+    one model. Only parameters are cast: buffers such as rotary frequencies keep their precision."""
+    was_training = model.training
+    if all(p.dtype == dtype for p in model.parameters()):
+        try:
+            yield model.eval()
+        finally:
+            model.train(was_training)
+        return
+    park = device.type == "cuda"
+    if park:
+        model.to("cpu")
+    cast = copy.deepcopy(model)
+    for p in cast.parameters():
+        p.data = p.data.to(dtype)
+    try:
+        yield cast.to(device).eval()
+    finally:
+        del cast
+        free_memory(device)
+        if park:
+            model.to(device)
+
+
+# -- the parts: each returns one point's figures --------------------------------------------------------
+def measure_train(model, batch_size: int, seq_len: int, device, autocast, timer, train_step=None) -> dict:
+    """One full training step on random tokens. AdamW runs with lr=0: the same work, the weights untouched.
+    `train_step`, when given, is the caller's own step (a callable with no arguments) and is timed instead."""
+    was_training = model.training
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.0, fused=device.type == "cuda")
+    ids = random_ids(model.vocab_size, batch_size, seq_len + 1, device)
+    x, y = ids[:, :-1], ids[:, 1:]  # (B, T) inputs and next-token targets
+
+    def step():
+        with torch.autocast(device.type, dtype=autocast) if autocast else nullcontext():
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    try:
+        with PeakMemory(device) as mem:
+            timing = timer(train_step or step)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return {**timing, **throughput(timing, batch_size * seq_len), "peak_memory_bytes": mem.peak}
+
+
+@torch.inference_mode()
+def measure_prefill(model, batch_size: int, prompt_length: int, dtype, device, timer) -> dict:
+    """The prompt through the model, writing the KV cache (reset, untimed, before every call)."""
+    prompt = random_ids(model.vocab_size, batch_size, prompt_length, device)
+    with PeakMemory(device) as mem:
+        cache = model.allocate_cache(batch_size, prompt_length, dtype, device)
+        timing = timer(lambda: model(prompt, cache=cache), setup=cache.reset)
+    return {**timing, **throughput(timing, batch_size * prompt_length), "peak_memory_bytes": mem.peak}
+
+
+@torch.inference_mode()
+def measure_decode(model, batch_size: int, prompt_length: int, new_tokens: int, use_cache: bool, dtype,
+                   device, timer) -> dict:
+    """Greedy generation of `new_tokens` tokens after a prompt. With the cache, the prompt is prefilled
+    untimed before every repeat and each timed step feeds one token; without it, each step runs the whole
+    sequence so far (prompt_length, prompt_length + 1, ...) through the model."""
+    prompt = random_ids(model.vocab_size, batch_size, prompt_length, device)
+    with PeakMemory(device) as mem:
+        if use_cache:
+            cache = model.allocate_cache(batch_size, prompt_length + new_tokens, dtype, device)
+            state = {}
+
+            def setup():
+                cache.reset()
+                state["next"] = model(prompt, cache=cache)[:, -1:].argmax(-1)  # (B, 1)
+
+            def generate():
+                token = state["next"]
+                for _ in range(new_tokens):
+                    token = model(token, cache=cache)[:, -1:].argmax(-1)
+
+            timing = timer(generate, setup=setup)
+        else:
+            def generate():
+                ids = prompt
+                for _ in range(new_tokens):
+                    ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
+
+            timing = timer(generate)
+    return {**timing, **throughput(timing, batch_size * new_tokens), "ms_per_token": 1e3 * timing["median_s"] / new_tokens,
+            "peak_memory_bytes": mem.peak}
+
+
+@torch.inference_mode()
+def kv_cache_size(model, dtype, device="cpu", batch_size: int = 1, max_len: int | None = None) -> dict:
+    """Bytes per cached token: measured from the storage of an allocated cache, and analytic."""
+    max_len = max_len or model.max_seq_len
+    cache = model.allocate_cache(batch_size, max_len, dtype, device)
+    allocated = sum(t.untyped_storage().nbytes() for t in (cache.k, cache.v))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    analytic = 2 * model.n_layers * model.n_kv_heads * model.head_dim * itemsize  # K and V, every layer
+    return {"kv_cache_bytes_per_token": allocated // (batch_size * max_len),
+            "kv_cache_bytes_per_token_analytic": analytic,
+            "kv_cache_matches_analytic": allocated == analytic * batch_size * max_len,
+            "kv_cache_allocated_bytes": allocated, "kv_cache_shape": [batch_size, max_len]}
+
+
+# -- the suite ------------------------------------------------------------------------------------------
+def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, train_step=None,
+              on_update=None) -> dict:
+    """Benchmark `model` as cfg.bench says; returns the `bench` section of results.json.
+
+    metrics: the evaluation's figures (val_ppl, val_loss), copied in so speed and quality sit in one row.
+    train_step: optional callable running one training step of the caller's own; timed instead of ours.
+    on_update: optional callable given the partial section after every part (to save progress).
+    """
+    bc = cfg.bench
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    dtype = resolve_dtype(bc.dtype, device)
+    profile, sizes = profile_settings(bc, device)
+    parts = bc.run
+    timer = lambda fn, setup=None: time_fn(fn, device, bc.warmup, bc.repeats, setup)  # noqa: E731
+    metrics = metrics or {}
+    bench = {"device": device_name(device), "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
+             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "profile": profile,
+             "warmup": bc.warmup, "repeats": bc.repeats, "memory_kind": memory_kind(device),
+             "params": model.num_params(), "val_ppl": metrics.get("val_ppl"), "val_loss": metrics.get("val_loss"),
+             "train": [], "prefill": [], "decode": [], "kernels": [], "reference": None}
+    started = time.perf_counter()
+
+    def update():
+        bench["elapsed_s"] = time.perf_counter() - started
+        if on_update is not None:
+            on_update(bench)
+
+    data_cfg, train_cfg = cfg.get("data") or {}, cfg.get("train") or {}
+    seq_len = min(bc.train_seq_len or data_cfg.get("seq_len") or model.max_seq_len, model.max_seq_len)
+    if parts.train:
+        batch_size = bc.train_batch_size or train_cfg.get("batch_size") or 8
+        train_dtype = train_cfg.get("dtype", "auto")
+        fp32_params = next(model.parameters()).dtype == torch.float32
+        autocast = torch.bfloat16 if fp32_params and (
+            train_dtype == "bfloat16" or (train_dtype == "auto" and device.type == "cuda")) else None
+        bench["train"].append(guarded(
+            lambda: measure_train(model, batch_size, seq_len, device, autocast, timer, train_step), device,
+            batch_size=batch_size, seq_len=seq_len, autocast=str(autocast).removeprefix("torch.") if autocast else None))
+        update()
+
+    new_tokens = bc.new_tokens
+    with inference_model(model, dtype, device) as im:
+        bench["weight_bytes"] = sum(p.numel() * p.element_size() for p in im.parameters())
+        if parts.prefill:
+            for length in sizes["prompt_lengths"]:
+                labels = dict(batch_size=sizes["prefill_batch_size"], prompt_length=length)
+                bench["prefill"].append(
+                    {**labels, "status": "skipped", "error": f"longer than model.max_seq_len={im.max_seq_len}"}
+                    if length > im.max_seq_len else
+                    guarded(lambda: measure_prefill(im, labels["batch_size"], length, dtype, device, timer), device,
+                            **labels))
+            update()
+        if parts.decode:
+            prompt = min(sizes["decode_prompt_length"], im.max_seq_len - 1)
+            new_tokens = min(bc.new_tokens, im.max_seq_len - prompt)  # positions stay below max_seq_len
+            for use_cache, batch_sizes in ((True, sizes["batch_sizes"]), (False, sizes["no_cache_batch_sizes"])):
+                for b in batch_sizes:
+                    bench["decode"].append(guarded(
+                        lambda: measure_decode(im, b, prompt, new_tokens, use_cache, dtype, device, timer), device,
+                        batch_size=b, prompt_length=prompt, new_tokens=new_tokens, cache=use_cache))
+                    update()
+        kv = guarded(lambda: kv_cache_size(im, dtype, device, max_len=min(im.max_seq_len, 1024)), device)
+        if kv.pop("status") == "ok":
+            bench.update(kv)
+        else:
+            bench.update(kv_cache_bytes_per_token=None, kv_cache_error=kv)
+        run_reference, reason = wants_reference(cfg, im)
+        if run_reference:
+            bench["reference"] = guarded(lambda: reference_comparison(
+                im, dtype, device, min(sizes["reference_prompt_length"], im.max_seq_len // 2),
+                min(bc.new_tokens, im.max_seq_len // 2), timer), device)
+        else:
+            bench["reference"] = {"status": "skipped", "reason": reason}
+        update()
+
+    if parts.kernels:
+        attn = model.blocks[0].attn
+        bench["kernels"] = kernel_points(
+            attn.n_heads, attn.n_kv_heads, attn.head_dim, sizes["kernel_seq_lens"], list(bc.kernels.masks),
+            list(bc.kernels.kernels), sizes["kernel_window"], bc.kernels.documents, bc.kernels.batch_size,
+            dtype, device, bc.warmup, bc.repeats)
+    summarize_suite(bench, model, seq_len, device)
+    update()
+    return bench
+
+
+def _ok(points):
+    return [p for p in points if p.get("status") == "ok"]
+
+
+def summarize_suite(bench: dict, model, seq_len: int, device) -> None:
+    """The headline figures (stable names other tools read) from the tables."""
+    train = _ok(bench["train"])
+    bench["train_tokens_per_s"] = train[0]["tokens_per_s"] if train else None
+    bench["flops_per_token"] = model.flops_per_token(seq_len)
+    bench["peak_flops"], bench["peak_flops_source"] = device_peak_flops(device), peak_source(device)
+    bench["mfu"] = (bench["train_tokens_per_s"] * bench["flops_per_token"] / bench["peak_flops"]
+                    if bench["train_tokens_per_s"] and bench["peak_flops"] else None)
+
+    prefill = _ok(bench["prefill"])
+    longest = max(prefill, key=lambda p: p["prompt_length"]) if prefill else None
+    bench["prefill_tokens_per_s"] = longest["tokens_per_s"] if longest else None
+    bench["prefill_prompt_length"] = longest["prompt_length"] if longest else None
+
+    cached = sorted(_ok([p for p in bench["decode"] if p["cache"]]), key=lambda p: p["batch_size"])
+    headline = cached[0] if cached else None
+    uncached = [p for p in _ok(bench["decode"]) if not p["cache"] and headline and p["batch_size"] == headline["batch_size"]]
+    bench["decode_tokens_per_s"] = headline["tokens_per_s"] if headline else None
+    bench["decode_tokens_per_s_no_cache"] = uncached[0]["tokens_per_s"] if uncached else None
+    bench["decode_batch_size"] = headline["batch_size"] if headline else None
+    bench["kv_cache_speedup"] = (bench["decode_tokens_per_s"] / bench["decode_tokens_per_s_no_cache"]
+                                 if bench["decode_tokens_per_s"] and bench["decode_tokens_per_s_no_cache"] else None)
+    bench["kv_cache_speedup_new_tokens"] = headline["new_tokens"] if headline else None
+
+    # Decoding reads every weight once per step: bandwidth / weight bytes is the batch-1 ceiling.
+    bandwidth = device_memory_bandwidth(device)
+    bench["memory_bandwidth"] = bandwidth
+    bound = bandwidth / bench["weight_bytes"] if bandwidth and bench.get("weight_bytes") else None
+    bench["decode_bandwidth_bound_tokens_per_s"] = bound
+    for p in cached:
+        p["fraction_of_bandwidth_bound"] = p["tokens_per_s"] / (p["batch_size"] * bound) if bound else None
+    bench["decode_fraction_of_bandwidth_bound"] = (
+        headline["tokens_per_s"] / (headline["batch_size"] * bound) if bound and headline else None)
+
+    peaks = {part: max((p["peak_memory_bytes"] for p in _ok(bench[part])), default=None)
+             for part in ("train", "prefill", "decode")}
+    bench["peak_memory"] = peaks
+    bench["peak_memory_bytes"] = max((v for v in peaks.values() if v is not None), default=None)
+
+
+# -- task=bench ---------------------------------------------------------------------------------------------
+def main(cfg: DictConfig):
+    results = Results(cfg, task="bench")  # first, so that no outcome goes unrecorded
+    logger, status, error, bench = None, "failed", None, None
+    try:
+        if cfg.model.get("vocab_size") is None:
+            raise ValueError("task=bench needs a vocabulary size: set tokenizer.vocab_size (or model.vocab_size)")
+        device = resolve_device(cfg.bench.get("device") or cfg.get("train", {}).get("device", "auto"))
+        torch.manual_seed(cfg.get("seed") or 0)
+        logger = start_logger(cfg, results)
+        model = build_model(cfg.model, device)
+        results.update(params=model.num_params(), params_non_embedding=model.num_params(exclude_embeddings=True))
+        bench = run_suite(model, cfg, device, on_update=lambda partial: results.update(bench=partial))
+        results.update(bench=bench)
+        status = "ok"
+    except BaseException as err:
+        status, error = ("oom" if is_oom(err) else "failed"), err
+        raise
+    finally:
+        results.finish(status, error)
+        if logger is not None:
+            for key in ("train", "prefill", "decode", "kernels"):
+                logger.log_table(f"bench/{key}", (bench or {}).get(key) or [])
+            logger.summary({f"bench/{k}": v for k, v in (bench or {}).items() if isinstance(v, (int, float))})
+            logger.finish(status)
+    print_table(bench, results.path)
+    return results.data
+
+
+# -- the printed table --------------------------------------------------------------------------------------
+def _rate(p, key="tokens_per_s"):
+    if p.get("status") != "ok":
+        return p.get("status", "-")
+    return f"{p[key]:,.0f} tok/s [{p[key + '_min']:,.0f}-{p[key + '_max']:,.0f}]"
+
+
+def _bytes(n):
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+
+
+def _num(x, fmt="{:,.3g}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def print_table(bench: dict | None, path=None) -> None:
+    if not bench:
+        return
+    lines = [f"benchmark  {bench['device']}  {bench['dtype']}  torch {bench['torch']}  {bench['date']}  "
+             f"(median [slowest-fastest] of {bench['repeats']} after {bench['warmup']} warm-up)"]
+    for p in bench["train"]:
+        mfu = f"  MFU {bench['mfu']:.1%}" if bench.get("mfu") is not None else ""
+        lines.append(f"  train     B={p['batch_size']} T={p['seq_len']:<6}      {_rate(p)}{mfu}  "
+                     f"peak {_bytes(p.get('peak_memory_bytes'))}")
+    for p in bench["prefill"]:
+        lines.append(f"  prefill   B={p['batch_size']} prompt={p['prompt_length']:<6} {_rate(p)}  "
+                     f"peak {_bytes(p.get('peak_memory_bytes'))}")
+    for p in bench["decode"]:
+        bound = p.get("fraction_of_bandwidth_bound")
+        bound = f"  {bound:.0%} of bandwidth bound" if bound is not None else ""
+        lines.append(f"  decode    B={p['batch_size']} +{p['new_tokens']} {'cache   ' if p['cache'] else 'no cache'}  "
+                     f"{_rate(p)}{bound}")
+    lines.append(f"  KV cache speed-up {_num(bench.get('kv_cache_speedup'), '{:.1f}x')} at "
+                 f"{bench.get('kv_cache_speedup_new_tokens')} new tokens; "
+                 f"{_num(bench.get('kv_cache_bytes_per_token'), '{:,}')} bytes/token "
+                 f"(analytic {_num(bench.get('kv_cache_bytes_per_token_analytic'), '{:,}')})")
+    lines.append(f"  peak memory {_bytes(bench.get('peak_memory_bytes'))} ({bench['memory_kind']})")
+    if bench["kernels"]:
+        kernels = list(dict.fromkeys(p["kernel"] for p in bench["kernels"]))
+        lines.append("  attention kernels, ms per forward: " + "  ".join(f"{k:>10}" for k in kernels))
+        rows = dict.fromkeys((p["mask"], p["seq_len"]) for p in bench["kernels"])
+        for mask, length in rows:
+            cells = [next((q for q in bench["kernels"] if (q["mask"], q["seq_len"], q["kernel"]) == (mask, length, k)), {})
+                     for k in kernels]
+            lines.append(f"    {mask:>9} T={length:<6}" + " " * 18 + "  ".join(
+                f"{c['median_s'] * 1e3:>10.3f}" if c.get("status") == "ok" else f"{c.get('status', '-'):>10}"
+                for c in cells))
+    ref = bench.get("reference") or {}
+    if ref.get("status") == "ok":
+        lines.append(f"  vs transformers (ours/theirs): forward time {ref['forward_time_ratio']:.2f}x, prefill "
+                     f"{ref['prefill_speed_ratio']:.2f}x, decode {ref['decode_speed_ratio']:.2f}x tokens/s, peak memory "
+                     f"{_num(ref.get('peak_memory_ratio'), '{:.2f}x')}, max |logit diff| {ref['max_logit_diff']:.2e}")
+    elif ref:
+        lines.append(f"  vs transformers: {ref.get('status')} ({ref.get('reason') or ref.get('error')})")
+    if bench.get("val_ppl") is not None:
+        lines.append(f"  perplexity {bench['val_ppl']:.3f} (val loss {bench['val_loss']:.4f})")
+    if path:
+        lines.append(f"  results    {path}")
+    print("\n".join(lines))

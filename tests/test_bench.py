@@ -1,0 +1,169 @@
+"""The benchmark suite on CPU at tiny sizes: every documented figure is there, the KV-cache size is what
+the arithmetic says, an out-of-memory point does not stop the suite, task=bench writes results.json, and
+our model is compared with transformers' Phi-3 on the same weights."""
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import runner.bench as bench_module
+from conftest import CONF, ROOT, compose, tiny_model
+from runner.bench import kv_cache_size, run_suite
+from runner.bench_timing import guarded, time_fn
+
+# The bench section's stable names (runner/BENCH.md documents each; other tools read them).
+FIELDS = ["train_tokens_per_s", "mfu", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_tokens_per_s_no_cache",
+          "kv_cache_speedup", "kv_cache_bytes_per_token", "kv_cache_bytes_per_token_analytic",
+          "kv_cache_matches_analytic", "peak_memory_bytes", "peak_memory", "memory_kind", "device", "dtype", "torch",
+          "flops_per_token", "peak_flops", "weight_bytes", "decode_fraction_of_bandwidth_bound",
+          "decode_bandwidth_bound_tokens_per_s", "val_ppl", "val_loss", "train", "prefill", "decode", "kernels",
+          "reference"]
+REFERENCE_FIELDS = ["forward_time_ratio", "prefill_speed_ratio", "decode_speed_ratio", "peak_memory_ratio",
+                    "max_logit_diff"]
+# Small enough that a whole suite takes a second or two on a laptop CPU.
+SMALL = {"warmup": 1, "repeats": 2, "new_tokens": 8,
+         "cpu": {"prompt_lengths": [8, 16], "decode_prompt_length": 8, "batch_sizes": [1, 2],
+                 "no_cache_batch_sizes": [1], "kernel_seq_lens": [32], "kernel_window": 8,
+                 "reference_prompt_length": 8}}
+HAS_HF = importlib.util.find_spec("variants.hf") is not None
+
+
+def bench_cfg(**overrides):
+    bench = OmegaConf.merge(OmegaConf.load(CONF / "bench" / "default.yaml"), SMALL, overrides)
+    return OmegaConf.create({"bench": bench, "data": {"seq_len": 32}, "train": {"batch_size": 2}, "model": {}})
+
+
+def test_suite_runs_end_to_end_and_returns_every_documented_field():
+    model = tiny_model(n_kv_heads=2)
+    bench = run_suite(model, bench_cfg(), "cpu", metrics={"val_ppl": 9.5, "val_loss": 2.25})
+    for key in FIELDS:
+        assert key in bench, key
+    points = bench["train"] + bench["prefill"] + bench["decode"] + bench["kernels"]
+    assert points and all(p["status"] == "ok" for p in points), [p for p in points if p["status"] != "ok"]
+    assert len(bench["kernels"]) == 3 * 3  # eager/sdpa/flex x causal/documents/sliding at one length
+    for key in ("train_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_tokens_per_s_no_cache",
+                "kv_cache_speedup", "peak_memory_bytes"):
+        assert bench[key] > 0, key
+    assert bench["mfu"] is None and bench["decode_fraction_of_bandwidth_bound"] is None  # CPU
+    assert bench["val_ppl"] == 9.5 and bench["dtype"] == "float32"
+    assert bench["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 8 * 4  # K+V x layers x kv heads x head_dim x fp32
+    for p in bench["kernels"]:  # every kernel computes the same attention as the eager one
+        assert p["kernel"] == "eager" or p["max_abs_diff"] < 1e-4, p
+    for p in points:
+        assert p["min_s"] <= p["median_s"] <= p["max_s"] and p["repeats"] == 2
+    json.dumps(bench)  # results.json-ready
+
+
+def test_suite_leaves_the_model_as_it_was():
+    model = tiny_model().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run_suite(model, bench_cfg(dtype="bfloat16", run={"kernels": False}), "cpu")
+    assert model.training and all(p.grad is None for p in model.parameters())
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_bfloat16_inference_on_cpu():
+    bench = run_suite(tiny_model(), bench_cfg(dtype="bfloat16", run={"kernels": False, "train": False}), "cpu")
+    assert bench["dtype"] == "bfloat16" and bench["train"] == []
+    assert bench["kv_cache_bytes_per_token"] == 2 * 2 * 4 * 8 * 2  # bf16: 2 bytes
+    assert all(p["status"] == "ok" for p in bench["prefill"] + bench["decode"])
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_size_matches_the_analytic_size(n_kv_heads, dtype):
+    model = tiny_model(n_heads=4, d_model=32, n_layers=3, n_kv_heads=n_kv_heads)
+    size = kv_cache_size(model, dtype, batch_size=2, max_len=16)
+    analytic = 2 * 3 * n_kv_heads * 8 * dtype.itemsize  # K+V x layers x kv heads x head_dim x bytes
+    assert size["kv_cache_bytes_per_token"] == size["kv_cache_bytes_per_token_analytic"] == analytic
+    assert size["kv_cache_matches_analytic"] and size["kv_cache_allocated_bytes"] == analytic * 2 * 16
+    assert analytic == model.kv_cache_bytes_per_token(dtype)
+
+
+def test_out_of_memory_point_is_recorded_and_the_suite_goes_on(monkeypatch):
+    measure = bench_module.measure_decode
+
+    def fake(model, batch_size, prompt_length, new_tokens, use_cache, *args):
+        if not use_cache:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return measure(model, batch_size, prompt_length, new_tokens, use_cache, *args)
+
+    monkeypatch.setattr(bench_module, "measure_decode", fake)
+    bench = run_suite(tiny_model(), bench_cfg(), "cpu")
+    no_cache = [p for p in bench["decode"] if not p["cache"]]
+    assert [p["status"] for p in no_cache] == ["oom"] and no_cache[0]["batch_size"] == 1
+    assert all(p["status"] == "ok" for p in bench["decode"] if p["cache"])
+    assert bench["decode_tokens_per_s"] > 0 and bench["decode_tokens_per_s_no_cache"] is None
+    assert bench["kv_cache_speedup"] is None
+    assert bench["kernels"] and all(p["status"] == "ok" for p in bench["kernels"])  # later parts still ran
+
+
+def test_guarded_tells_oom_from_other_failures():
+    def cpu_oom():
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+    def bug():
+        raise ValueError("shapes do not match")
+
+    oom = guarded(cpu_oom, "cpu", seq_len=8)
+    assert oom["status"] == "oom" and oom["seq_len"] == 8 and "can't allocate" in oom["error"]
+    failed = guarded(bug, "cpu")
+    assert failed["status"] == "failed" and "shapes do not match" in failed["error"]
+
+
+def test_timing_excludes_setup_and_reports_the_spread():
+    timing = time_fn(lambda: None, "cpu", warmup=1, repeats=5, setup=lambda: time.sleep(0.02))
+    assert timing["repeats"] == 5 and timing["max_s"] < 0.02
+    assert timing["min_s"] <= timing["median_s"] <= timing["max_s"] and timing["iqr_s"] >= 0
+
+
+def test_device_peaks_are_null_on_cpu():
+    from runner.bench import device_peak_flops
+    from runner.flops import device_memory_bandwidth
+    assert device_peak_flops("cpu") is None and device_memory_bandwidth("cpu") is None
+
+
+def test_every_field_is_documented():
+    doc = (ROOT / "runner" / "BENCH.md").read_text()
+    for key in FIELDS + REFERENCE_FIELDS:
+        assert f"`{key}`" in doc, key
+
+
+TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "data.seq_len=32", "tokenizer.vocab_size=300",
+        "logger=none", "bench.repeats=2", "bench.new_tokens=8", "bench.cpu.prompt_lengths=[8,16]",
+        "bench.cpu.decode_prompt_length=8", "bench.cpu.kernel_seq_lens=[32]", "bench.cpu.kernel_window=8",
+        "bench.cpu.reference_prompt_length=8", "train.batch_size=2", "train.device=cpu"]
+
+
+def test_bench_task_writes_results_json_with_every_field(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "run.py"), "task=bench", *TINY, "hydra.run.dir=run"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert record["status"] == "ok" and record["task"] == "bench" and record["params"] > 0
+    for key in FIELDS:
+        assert key in record["bench"], key
+    assert record["bench"]["reference"]["status"] == "skipped"  # gqa_rope is not a Phi-3 preset
+    assert "KV cache speed-up" in out.stdout and "attention kernels" in out.stdout  # the printed table
+
+
+@pytest.mark.skipif(not HAS_HF, reason="variants/hf.py (the Phi-3 mapping) has not landed yet")
+def test_reference_comparison_against_transformers_phi3():
+    cfg = compose(["model=phi3", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "data.seq_len=32",
+                   "tokenizer.vocab_size=300", "bench.reference=true"])
+    cfg.bench = bench_cfg(reference=True, run={"train": False, "prefill": False, "decode": False,
+                                               "kernels": False}).bench
+    from runner.build import build_model
+    model = build_model(cfg.model, "cpu")
+    ref = run_suite(model, cfg, "cpu")["reference"]
+    assert ref["status"] == "ok", ref
+    for key in REFERENCE_FIELDS:
+        assert ref[key] is not None, key
+    assert ref["max_logit_diff"] < 1e-4 and ref["greedy_match_fraction"] == 1.0
+    assert ref["forward_time_ratio"] > 0 and ref["decode_speed_ratio"] > 0
