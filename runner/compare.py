@@ -384,8 +384,8 @@ def render_markdown(report: dict, images: list[str] = ()) -> str:
         lines += ["", "\\* KV bytes/token computed from the config (the run was not benchmarked)."]
     if report["not_finished"]:
         lines += ["", "## Runs that did not finish", ""]
-        lines += [f"- **{r['status']}** {r['label']} (`{r['id']}`): {r['error'] or 'no error recorded'}"
-                  for r in report["not_finished"]]
+        lines += [f"- **{r['status']}** {r['label']} (`{r['id']}`): "
+                  + " ".join((r["error"] or "no error recorded").split()) for r in report["not_finished"]]
     if report["effects"]:
         lines += ["", "## Effect of each choice", "",
                   "Mean over the finished runs with that choice (averaged per seed, then over seeds); "

@@ -239,7 +239,14 @@ SCRIPT = r"""
     if (err <= 0.15) step *= 10; else if (err <= 0.35) step *= 5; else if (err <= 0.75) step *= 2;
     var out = [];
     for (var v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(+v.toFixed(12));
+    out.step = step;
     return out;
+  }
+  // Tick labels with as many decimals as the tick step needs (0.01 → "5.62", 50 → "350", 500 → "1.5k").
+  function tickLabel(t, step) {
+    var scale = Math.abs(step) >= 1e6 || Math.abs(t) >= 1e6 ? [1e6, "M"] : Math.abs(step) >= 100 && Math.abs(t) >= 1e3 ? [1e3, "k"] : [1, ""];
+    var digits = Math.max(0, -Math.floor(Math.log10(step / scale[0]) + 1e-9));
+    return (t / scale[0]).toFixed(Math.min(digits, 6)) + scale[1];
   }
   function extent(values, pad) {
     var lo = Math.min.apply(null, values), hi = Math.max.apply(null, values);
@@ -255,13 +262,14 @@ SCRIPT = r"""
     var x = function (v) { return M.l + (v - xd[0]) / (xd[1] - xd[0]) * (W - M.l - M.r); };
     var y = function (v) { return H - M.b - (v - yd[0]) / (yd[1] - yd[0]) * (H - M.t - M.b); };
     var grid = el("g", {"class": "grid"}, svg), axis = el("g", {"class": "axis"}, svg);
-    ticks(xd[0], xd[1], 6).forEach(function (t) {
+    var xt = ticks(xd[0], xd[1], 6), yt = ticks(yd[0], yd[1], 5);
+    xt.forEach(function (t) {
       el("line", {x1: x(t), x2: x(t), y1: M.t, y2: H - M.b}, grid);
-      el("text", {x: x(t), y: H - M.b + 15, "text-anchor": "middle"}, axis, fmt(t));
+      el("text", {x: x(t), y: H - M.b + 15, "text-anchor": "middle"}, axis, tickLabel(t, xt.step));
     });
-    ticks(yd[0], yd[1], 5).forEach(function (t) {
+    yt.forEach(function (t) {
       el("line", {x1: M.l, x2: W - M.r, y1: y(t), y2: y(t)}, grid);
-      el("text", {x: M.l - 6, y: y(t) + 4, "text-anchor": "end"}, axis, fmt(t));
+      el("text", {x: M.l - 6, y: y(t) + 4, "text-anchor": "end"}, axis, tickLabel(t, yt.step));
     });
     el("path", {d: "M" + M.l + "," + M.t + "V" + (H - M.b) + "H" + (W - M.r), fill: "none"}, axis);
     el("text", {x: (M.l + W - M.r) / 2, y: H - 6, "text-anchor": "middle"}, axis, xLabel);
@@ -385,9 +393,10 @@ SCRIPT = r"""
     fig.appendChild(svg);
     var x = function (v) { return labelW + (v - d[0]) / (d[1] - d[0]) * (W - labelW - 20); };
     var axis = el("g", {"class": "axis"}, svg), grid = el("g", {"class": "grid"}, svg);
-    ticks(d[0], d[1], 5).forEach(function (t) {
+    var dt = ticks(d[0], d[1], 5);
+    dt.forEach(function (t) {
       el("line", {x1: x(t), x2: x(t), y1: M.t, y2: h - 32}, grid);
-      el("text", {x: x(t), y: h - 18, "text-anchor": "middle"}, axis, fmt(t));
+      el("text", {x: x(t), y: h - 18, "text-anchor": "middle"}, axis, tickLabel(t, dt.step));
     });
     cs.forEach(function (c, i) {
       var y = M.t + i * rowH + rowH / 2, g = el("g", {"class": "effect-row"}, svg), name = String(c.choice === null ? "–" : c.choice);

@@ -1,0 +1,328 @@
+"""task=compare: the local report (from real tiny runs and from hand-written results), its statistics
+checked against naive computations, and the W&B workspace built with the W&B API replaced."""
+import itertools
+import json
+import math
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from runner import compare
+from runner.compare import build_report, effects, gather, mean_interval, pareto_front, t_quantile, write_report
+
+TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=4", "train.max_steps=3", "train.batch_size=4",
+        "train.eval_every=3", "train.eval_batches=1", "train.log_every=1", "train.warmup_steps=1",
+        "train.bench=false", "train.checkpoint_every=0", "data.max_documents=40", "tokenizer.vocab_size=300",
+        "data.seq_len=32", "logger=none"]
+
+
+def run_py(args, cwd, check=True):
+    env = {**os.environ, "WANDB_SILENT": "true", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=300, env=env)
+    if check and out.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+# ------------------------------------------------------------------------------- hand-written results
+
+def write_results(run_dir, attention="gqa", n_kv_heads=2, ffn="swiglu", seed=0, val_ppl=20.0, tokens_per_s=5000.0,
+                  status="ok", error=None, peak_memory=None):
+    """A results.json as runner/tracking.py writes it (the fields compare reads)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ok = status == "ok"
+    curve = [{"step": s, "tokens": 128 * s, "loss": math.log(val_ppl) + 2.0 / s, "lr": 1e-3} for s in range(1, 11)]
+    record = {
+        "status": status, "task": "train", "params": 50_000,
+        "variant": {"preset": "gqa_rope", "norm": "rmsnorm", "norm_position": "pre", "ffn": ffn, "position": "rope",
+                    "attention": attention, "n_heads": 4, "n_kv_heads": n_kv_heads, "kernel": "sdpa",
+                    "window": 16 if attention == "sliding" else None, "attention_schedule": None, "d_model": 32,
+                    "n_layers": 2, "seq_len": 32, "seed": seed},
+        "metrics": {"val_loss": math.log(val_ppl), "val_ppl": val_ppl, "train_tokens_per_s": tokens_per_s,
+                    "final_train_loss": curve[-1]["loss"]} if ok else {},
+        "curves": {"train": curve if ok else curve[:2], "val": [{"step": 10, "tokens": 1280,
+                                                                 "loss": math.log(val_ppl)}] if ok else []},
+        "bench": {"peak_memory_bytes": peak_memory, "kv_cache_bytes_per_token": 2 * 2 * n_kv_heads * 8 * 4}
+        if ok and peak_memory else None,
+        "error": error, "config": {"train": {"dtype": "auto"}}, "output_dir": str(run_dir), "device": "cpu",
+        "started_at": "2025-01-31T12:00:00+0000",
+    }
+    (run_dir / "results.json").write_text(json.dumps(record))
+    return run_dir
+
+
+def fixture_sweep(root) -> Path:
+    """attention × ffn × 3 seeds, plus one failed and one out-of-memory run, as a Hydra multirun."""
+    sweep = Path(root) / "outputs" / "sweeps" / "2025-01-31" / "12-00-00"
+    sweep.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    rng = random.Random(0)
+    job = itertools.count()
+    for seed, (attention, kv), ffn in itertools.product((0, 1, 2), (("mha", 4), ("gqa", 2), ("mqa", 1)),
+                                                        ("swiglu", "gelu")):
+        base = {"mha": 20.0, "gqa": 20.5, "mqa": 22.0}[attention] + (0.8 if ffn == "gelu" else 0)
+        write_results(sweep / f"{next(job)}_{attention}", attention, kv, ffn, seed,
+                      val_ppl=base + rng.uniform(-0.5, 0.5), tokens_per_s=4000 + 600 * (4 - kv) + rng.uniform(0, 300),
+                      peak_memory=(30 + kv) * 2 ** 20)
+    write_results(sweep / f"{next(job)}_bad", "gqa", 3, status="failed",
+                  error={"type": "ValueError", "message": "model.attention.n_kv_heads=3 must divide n_heads=4"})
+    write_results(sweep / f"{next(job)}_big", "mha", 4, seed=3, status="oom",
+                  error={"type": "OutOfMemoryError", "message": "CUDA out of memory. Tried to allocate 9.00 GiB"})
+    return sweep
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    return fixture_sweep(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------- statistics
+
+@pytest.mark.parametrize("df, expected", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622),
+                                          (10, 2.2281), (30, 2.0423), (1000, 1.9623)])
+def test_t_quantile_matches_tables(df, expected):
+    assert t_quantile(0.95, df) == pytest.approx(expected, abs=1e-4)
+
+
+def test_t_quantile_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df in range(1, 60):
+        assert t_quantile(0.95, df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-9)
+
+
+def test_pareto_front_matches_brute_force():
+    rng = random.Random(1)
+    for trial in range(300):
+        # small integer grids make ties and duplicates common
+        points = [(rng.randint(0, 6), rng.randint(0, 6)) for _ in range(rng.randint(1, 12))]
+        dominated = {i for i, (ppl, tps) in enumerate(points) for (q_ppl, q_tps) in points
+                     if q_ppl <= ppl and q_tps >= tps and (q_ppl, q_tps) != (ppl, tps)}
+        assert pareto_front(points) == sorted(set(range(len(points))) - dominated), points
+
+
+def test_effects_match_a_naive_computation(sweep):
+    runs = gather([sweep.parent.parent])
+    fams = {f["family"]: f for f in effects(runs)}
+    # the preset, norm, ... are the same in every run: only attention, n_kv_heads (its alias), ffn vary
+    assert list(fams) == ["ffn", "attention"] and fams["attention"]["same_as"] == ["n_kv_heads"]
+    done = [json.loads(p.read_text()) for p in sweep.rglob("results.json")]
+    done = [d for d in done if d["status"] == "ok"]
+    t2 = 4.302652729911275  # t(0.975, df=2): three seeds
+    for family, fam in fams.items():
+        for row in fam["choices"]:
+            mine = [d for d in done if d["variant"][family] == row["choice"]]
+            per_seed = [statistics.mean(d["metrics"]["val_ppl"] for d in mine if d["variant"]["seed"] == s)
+                        for s in (0, 1, 2)]
+            naive = sum(d["metrics"]["val_ppl"] for d in mine) / len(mine)  # balanced: the plain mean
+            half = t2 * statistics.stdev(per_seed) / math.sqrt(3)
+            assert row["runs"] == len(mine) and row["seeds"] == 3
+            assert row["val_ppl"] == pytest.approx(naive, rel=1e-12)
+            assert (row["val_ppl_lo"], row["val_ppl_hi"]) == pytest.approx((naive - half, naive + half), rel=1e-9)
+            assert row["val_loss"] == pytest.approx(statistics.mean(
+                statistics.mean(math.log(d["metrics"]["val_ppl"]) for d in mine if d["variant"]["seed"] == s)
+                for s in (0, 1, 2)), rel=1e-12)
+        assert [r["val_ppl"] for r in fam["choices"]] == sorted(r["val_ppl"] for r in fam["choices"])
+        assert fam["choices"][0]["delta_ppl"] == 0
+
+
+def test_one_seed_has_no_interval():
+    assert mean_interval([3.0]) == (3.0, None, None)
+    m, lo, hi = mean_interval([1.0, 3.0])
+    assert (m, lo, hi) == pytest.approx((2.0, 2.0 - 12.7062, 2.0 + 12.7062), abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------- local report
+
+def test_report_lists_every_run_and_failures(sweep, tmp_path):
+    runs = gather([tmp_path / "outputs"])
+    assert len(runs) == 20
+    report = build_report(runs, ["outputs"])
+    files = write_report(report, tmp_path / "report")
+    assert {p.name for p in files} == {"report.html", "report.md", "curves.png", "pareto.png", "memory.png",
+                                       "effects.png"}
+    md = (tmp_path / "report" / "report.md").read_text()
+    page = (tmp_path / "report" / "report.html").read_text()
+    for r in runs:
+        assert f"`{r['id']}`" in md and r["name"] in page
+    assert "## Runs that did not finish" in md
+    assert re.search(r"- \*\*failed\*\* ffn=swiglu attention=gqa n_kv_heads=3 .*ValueError: model.attention.n_kv", md)
+    assert re.search(r"- \*\*oom\*\* ffn=swiglu attention=mha seed=3 .*OutOfMemoryError: CUDA out of memory", md)
+    assert '<span class="badge oom">oom</span>' in page and '<span class="badge failed">failed</span>' in page
+    front = [r for r in report["runs"] if r["pareto"]]
+    assert front and all(r["status"] == "ok" for r in front)
+    assert md.count("| ★ ") == len(front)
+    # labels name what varies (seed included) and nothing that is implied by it
+    assert {r["label"] for r in runs} >= {"ffn=swiglu attention=mha seed=0", "ffn=swiglu attention=gqa n_kv_heads=3 seed=0"}
+    for png in files[2:]:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_html_is_self_contained(sweep, tmp_path):
+    write_report(build_report(gather([tmp_path / "outputs"]), ["outputs"]), tmp_path / "r", png=False)
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page), "the page must not load anything"
+    data = json.loads(re.search(r'<script id="report-data" type="application/json">(.*?)</script>', page,
+                                re.S).group(1).replace("<\\/", "</"))
+    assert len(data["runs"]) == 20 and {"val", "train"} <= set(data["runs"][0]["curves"])
+    assert page.count('data-chart="effect"') == 2
+
+
+def test_no_results_is_a_clear_error(tmp_path):
+    out = run_py(["task=compare", f"compare.dirs=[{tmp_path / 'nothing'}]", f"hydra.run.dir={tmp_path / 'r'}"],
+                 tmp_path, check=False)
+    assert out.returncode != 0 and "no results.json under" in out.stderr
+
+
+# ------------------------------------------------------------------------ the report from real runs
+
+@pytest.fixture(scope="session")
+def real_runs(tmp_path_factory):
+    """A real tiny sweep (two presets × two seeds), a run that fails its config check, and an
+    out-of-memory record beside them (an OOM cannot be provoked on a CPU), then `task=compare` over them.
+    Built once per session, also when the browser test imports this fixture."""
+    cwd = tmp_path_factory.getbasetemp() / "compare_real_runs"
+    if (cwd / "compare.out").exists():
+        return cwd, (cwd / "compare.out").read_text()
+    cwd.mkdir()
+    cache = f"cache_dir={cwd / 'cache'}"
+    run_py(["-m", "model=mha_rope,gqa_rope", "train.seed=0,1", *TINY, cache,
+            "hydra.sweep.dir=outputs/sweeps/2025-01-31/12-00-00"], cwd)
+    bad = run_py([*TINY, cache, "model=gqa_rope", "model.attention.n_kv_heads=3",
+                  "hydra.run.dir=outputs/runs/2025-01-31/12-05-00_gqa_rope"], cwd, check=False)
+    assert bad.returncode != 0
+    oom_dir = cwd / "outputs" / "runs" / "2025-01-31" / "12-10-00_mha_rope"
+    record = json.loads(next((cwd / "outputs" / "sweeps").rglob("0_mha_rope/results.json")).read_text())
+    record.update(status="oom", metrics={}, curves={"train": [], "val": []}, output_dir=str(oom_dir),
+                  error={"type": "OutOfMemoryError", "message": "CUDA out of memory. Tried to allocate 4.00 GiB"})
+    oom_dir.mkdir(parents=True)
+    (oom_dir / "results.json").write_text(json.dumps(record))
+    out = run_py(["task=compare", "hydra.run.dir=outputs/compare"], cwd).stdout
+    (cwd / "compare.out").write_text(out)
+    return cwd, out
+
+
+def test_report_from_real_tiny_runs(real_runs):
+    cwd, out = real_runs
+    report_dir = cwd / "outputs" / "compare"
+    results = sorted((cwd / "outputs").rglob("results.json"))
+    assert len(results) == 6
+    for name in ("report.html", "report.md", "curves.png", "pareto.png", "effects.png"):
+        assert (report_dir / name).exists(), name
+        assert str(report_dir / name) in out  # it says where it wrote
+    assert "6 runs (4 ok, 2 not)" in out
+    md = (report_dir / "report.md").read_text()
+    page = (report_dir / "report.html").read_text()
+    for path in results:
+        assert f"`{path.parent.resolve()}`" in md and path.parent.name in page
+    assert re.search(r"- \*\*failed\*\* preset=gqa_rope n_kv_heads=3 .*: .*n_kv_heads=3 must divide", md)
+    assert re.search(r"- \*\*oom\*\* .*OutOfMemoryError: CUDA out of memory", md)
+
+    runs = gather([cwd / "outputs"])
+    by_status = {r["status"] for r in runs}
+    assert by_status == {"ok", "failed", "oom"}
+    done = [r for r in runs if r["status"] == "ok"]
+    assert {r["variant"]["preset"] for r in done} == {"mha_rope", "gqa_rope"} and {r["seed"] for r in done} == {0, 1}
+    assert all(r["val_ppl"] > 1 and r["train_tokens_per_s"] > 0 and r["curves"]["val"] for r in done)
+    assert {r["group"] for r in done} == {"sweep-2025-01-31_12-00-00"}
+    fams = {f["family"]: f for f in effects(runs)}
+    assert "preset" in fams  # mha_rope vs gqa_rope (attention and n_kv_heads split the runs the same way)
+    for row in fams["preset"]["choices"]:
+        mine = [r["val_ppl"] for r in done if r["variant"]["preset"] == row["choice"]]
+        assert row["runs"] == 2 and row["seeds"] == 2
+        assert row["val_ppl"] == pytest.approx(sum(mine) / 2)
+        half = 12.706204736174698 * statistics.stdev(mine) / math.sqrt(2)
+        assert row["val_ppl_hi"] - row["val_ppl"] == pytest.approx(half, rel=1e-9)
+    # the Pareto flags agree with brute force on the real numbers
+    for r in done:
+        beaten = any(q["val_ppl"] <= r["val_ppl"] and q["train_tokens_per_s"] >= r["train_tokens_per_s"]
+                     and (q["val_ppl"], q["train_tokens_per_s"]) != (r["val_ppl"], r["train_tokens_per_s"])
+                     for q in done)
+        assert f"{'★ ' if not beaten else ''}{r['label']} |" in md
+
+
+# ------------------------------------------------------------------------------------ W&B workspace
+
+class FakeApi:
+    """Stands in for wandb.Api: a key, a default entity, an app URL; no network."""
+    api_key = "k" * 40
+    default_entity = "my-team"
+
+    class client:
+        app_url = "https://wandb.example"
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    import wandb
+    internal = pytest.importorskip("wandb_workspaces.workspaces.internal")
+    saved = []
+
+    def upsert_view2(view):  # the GraphQL mutation Workspace.save() sends
+        saved.append(view)
+        return {"upsertView": {"view": {"name": "v1abc", "id": "VmlldzoxMjM="}}}
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    monkeypatch.setattr(internal, "upsert_view2", upsert_view2)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    return saved
+
+
+def test_wandb_workspace_panels(sweep, tmp_path, fake_wandb, monkeypatch):
+    import wandb_workspaces.reports.v2 as wr
+    from runner import wandb_workspace
+    from conftest import compose
+
+    cfg = compose(["task=compare", f"compare.dirs=[{tmp_path / 'outputs'}]", f"compare.out={tmp_path / 'r'}",
+                   "compare.wandb=true", "logger.project=proj"])
+    built, real_build = [], wandb_workspace.build_workspace
+    monkeypatch.setattr(wandb_workspace, "build_workspace", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    compare.main(cfg)
+    (ws,) = built
+    assert (ws.entity, ws.project, ws.name) == ("my-team", "proj", "compare sweep-2025-01-31_12-00-00")
+    assert [s.name for s in ws.sections] == ["Loss curves by variant", "Perplexity vs training tokens/s", "Memory",
+                                            "Effect of each choice"]
+    curves, scatter, memory, effect = (s.panels for s in ws.sections)
+    assert [(type(p), p.y) for p in curves] == [(wr.LinePlot, ["val/loss"]), (wr.LinePlot, ["train/loss"]),
+                                                (wr.LinePlot, ["val/ppl"])]
+    assert all(p.x == "step" for p in curves)
+    sc, pc, rc = scatter
+    assert isinstance(sc, wr.ScatterPlot) and (sc.x.name, sc.y.name) == ("train_tokens_per_s", "val_ppl")
+    assert [c.metric.name for c in pc.columns] == ["variant.ffn", "variant.attention", "variant.n_kv_heads",
+                                                   "val_ppl", "train_tokens_per_s"]
+    assert isinstance(rc, wr.RunComparer)
+    assert [p.metrics[0].name for p in memory] == ["bench/peak_memory_bytes", "bench/kv_cache_bytes_per_token"]
+    assert [p.groupby.name for p in effect] == ["variant.ffn", "variant.attention", "variant.n_kv_heads"]
+    assert [g.name for g in ws.runset_settings.groupby] == ["variant.ffn", "variant.attention"]
+    assert "sweep-2025-01-31_12-00-00" in str(ws.runset_settings.filters)
+    # it was saved once, as a W&B view spec that names the same keys
+    (view,) = fake_wandb
+    spec = json.dumps(view.model_dump(by_alias=True), default=str)
+    for key in ("val/loss", "summary:val_ppl", "summary_metrics.bench/peak_memory_bytes", "variant.value.ffn"):
+        assert key in spec
+    assert (tmp_path / "r" / "report.html").exists()  # the local report is written too
+
+
+def test_wandb_without_api_key_fails_first(sweep, tmp_path, monkeypatch):
+    import wandb
+
+    def no_key():
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "Api", no_key)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    from conftest import compose
+    cfg = compose(["task=compare", f"compare.dirs=[{tmp_path / 'outputs'}]", f"compare.out={tmp_path / 'r'}",
+                   "compare.wandb=true"])
+    with pytest.raises(RuntimeError, match="no W&B API key is configured: run `wandb login` or set WANDB_API_KEY"):
+        compare.main(cfg)
+    assert not (tmp_path / "r").exists()  # nothing was written
