@@ -4,6 +4,7 @@ Building on `torch.device("meta")` runs every constructor's validation (head cou
 unknown kernels) without allocating a byte, so a config that cannot work fails before data is read.
 """
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,7 +23,13 @@ def check_model_config(model_cfg: DictConfig) -> None:
     if model_cfg.get("checkpoint"):
         return  # the checkpoint's own config decides the shapes; checked while loading
     with torch.device("meta"):
-        _instantiate(model_cfg)
+        try:
+            _instantiate(model_cfg)
+        except InstantiationException as err:
+            # Hydra wraps the constructor's error; the constructor's own message names the key
+            if isinstance(err.__cause__, (ValueError, TypeError)):
+                raise err.__cause__ from None
+            raise
 
 
 def build_model(model_cfg: DictConfig, device="cpu") -> torch.nn.Module:
