@@ -72,7 +72,9 @@ def load_corpus(data_cfg, cache_dir: str | os.PathLike) -> Corpus:
         raise ValueError(f"corpus {data_cfg.name!r} has no non-empty documents ({len(skipped)} empty ones skipped)")
     if not train:
         raise ValueError(f"corpus {data_cfg.name!r} has no training documents; lower data.val_fraction")
-    if val_fraction > 0 and not val:
+    if not val and data_cfg.get("val_split"):
+        raise ValueError(f"data.val_split={data_cfg.val_split!r} of {data_cfg.name!r} has no non-empty documents")
+    if not val and val_fraction > 0:
         raise ValueError(f"corpus {data_cfg.name!r} is too small to hold out a validation document "
                          f"({len(train)} documents); add documents or set data.val_fraction=0")
     return Corpus(data_cfg.name, [t for _, t in train], [t for _, t in val], fingerprint(train, val),
