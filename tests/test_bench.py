@@ -167,3 +167,16 @@ def test_reference_comparison_against_transformers_phi3():
         assert ref[key] is not None, key
     assert ref["max_logit_diff"] < 1e-4 and ref["greedy_match_fraction"] == 1.0
     assert ref["forward_time_ratio"] > 0 and ref["decode_speed_ratio"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_suite_on_cuda_reports_mfu_and_the_bandwidth_bound():
+    model = tiny_model(n_kv_heads=2).cuda()
+    bench = run_suite(model, bench_cfg(profile="cpu"), "cuda")
+    points = bench["train"] + bench["prefill"] + bench["decode"] + bench["kernels"]
+    assert all(p["status"] == "ok" for p in points), [p for p in points if p["status"] != "ok"]
+    assert bench["dtype"] == "bfloat16" and bench["memory_kind"] == "cuda_max_memory_allocated"
+    assert bench["mfu"] > 0 and bench["peak_flops"] > 0 and bench["decode_fraction_of_bandwidth_bound"] > 0
+    assert bench["train"][0]["autocast"] == "bfloat16"
+    assert next(model.parameters()).dtype == torch.float32 and next(model.parameters()).is_cuda  # restored
