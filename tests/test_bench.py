@@ -3,6 +3,7 @@ the arithmetic says, an out-of-memory point does not stop the suite, task=bench 
 our model is compared with transformers' Phi-3 on the same weights."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -31,6 +32,15 @@ SMALL = {"warmup": 1, "repeats": 2, "new_tokens": 8,
                  "no_cache_batch_sizes": [1], "kernel_seq_lens": [32], "kernel_window": 8,
                  "reference_prompt_length": 8}}
 HAS_HF = importlib.util.find_spec("variants.hf") is not None
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and spinning threads slow a busy CI machine tenfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def bench_cfg(**overrides):
@@ -143,7 +153,8 @@ TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "data.seq_len
 
 def test_bench_task_writes_results_json_with_every_field(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "run.py"), "task=bench", *TINY, "hydra.run.dir=run"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "results.json").read_text())
     assert record["status"] == "ok" and record["task"] == "bench" and record["params"] > 0
