@@ -242,7 +242,7 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
             bench.update(kv)
         else:
             bench.update(kv_cache_bytes_per_token=None, kv_cache_error=kv)
-        run_reference, reason = wants_reference(cfg, im)
+        run_reference, reason = wants_reference(cfg)
         if run_reference:
             bench["reference"] = guarded(lambda: reference_comparison(
                 im, dtype, device, min(sizes["reference_prompt_length"], im.max_seq_len // 2),

@@ -25,7 +25,7 @@ FIELDS = ["train_tokens_per_s", "mfu", "prefill_tokens_per_s", "decode_tokens_pe
           "decode_bandwidth_bound_tokens_per_s", "val_ppl", "val_loss", "train", "prefill", "decode", "kernels",
           "reference"]
 REFERENCE_FIELDS = ["forward_time_ratio", "prefill_speed_ratio", "decode_speed_ratio", "peak_memory_ratio",
-                    "max_logit_diff"]
+                    "max_logit_diff", "logits_agree", "greedy_match_fraction"]
 # Small enough that a whole suite takes a second or two on a laptop CPU.
 SMALL = {"warmup": 1, "repeats": 2, "new_tokens": 8,
          "cpu": {"prompt_lengths": [8, 16], "decode_prompt_length": 8, "batch_sizes": [1, 2],
@@ -165,19 +165,27 @@ def test_bench_task_writes_results_json_with_every_field(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_HF, reason="variants/hf.py (the Phi-3 mapping) has not landed yet")
-def test_reference_comparison_against_transformers_phi3():
-    cfg = compose(["model=phi3", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "data.seq_len=32",
-                   "tokenizer.vocab_size=300", "bench.reference=true"])
-    cfg.bench = bench_cfg(reference=True, run={"train": False, "prefill": False, "decode": False,
-                                               "kernels": False}).bench
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_reference_comparison_against_transformers_phi3(dtype):
     from runner.build import build_model
-    model = build_model(cfg.model, "cpu")
-    ref = run_suite(model, cfg, "cpu")["reference"]
+    cfg = compose(["model=phi3", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "data.seq_len=32",
+                   "tokenizer.vocab_size=300", "logger=none"])
+    cfg.bench = bench_cfg(dtype=dtype, run={"train": False, "prefill": False, "decode": False, "kernels": False}).bench
+    bench = run_suite(build_model(cfg.model, "cpu"), cfg, "cpu")  # reference=auto: model=phi3 is Phi-3
+    ref = bench["reference"]
     assert ref["status"] == "ok", ref
     for key in REFERENCE_FIELDS:
-        assert ref[key] is not None, key
-    assert ref["max_logit_diff"] < 1e-4 and ref["greedy_match_fraction"] == 1.0
-    assert ref["forward_time_ratio"] > 0 and ref["decode_speed_ratio"] > 0
+        assert ref[key] is not None and ref[key] >= 0, key
+    assert ref["logits_agree"] and ref["greedy_match_fraction"] == 1.0
+    if dtype == "float32":
+        assert ref["max_logit_diff"] < 1e-4
+    assert ref["attn_implementation"] == "sdpa" and ref["new_tokens"] == 8
+
+
+def test_reference_is_skipped_for_other_presets_unless_asked():
+    cfg = compose(["model=gqa_rope", "data.seq_len=32", "tokenizer.vocab_size=300", "logger=none"])
+    cfg.bench = bench_cfg(run={"train": False, "prefill": False, "decode": False, "kernels": False}).bench
+    assert run_suite(tiny_model(), cfg, "cpu")["reference"]["status"] == "skipped"
 
 
 @pytest.mark.gpu
