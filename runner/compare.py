@@ -81,6 +81,8 @@ def load_run(path: Path) -> dict:
     except (OSError, ValueError) as err:  # a results.json that cannot be read is still a run to list
         data = {"status": "unreadable", "error": {"type": type(err).__name__, "message": str(err)}}
     run_dir = path.parent
+    if run_dir.is_relative_to(Path.cwd().resolve()):  # shown relative to where run.py was launched
+        run_dir = run_dir.relative_to(Path.cwd().resolve())
     variant = {k: _hashable(v) for k, v in (data.get("variant") or {}).items()}
     row = {
         "id": str(run_dir), "name": run_dir.name, "status": data.get("status") or "unknown",

@@ -167,6 +167,17 @@ def test_report_lists_every_run_and_failures(sweep, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+def test_unreadable_and_running_runs_are_listed(sweep, tmp_path):
+    (sweep / "20_cut").mkdir()
+    (sweep / "20_cut" / "results.json").write_text('{"status": "ok", "vari')
+    write_results(sweep / "21_live", status="running")
+    report = build_report(gather([tmp_path / "outputs"]), ["outputs"])
+    assert {r["name"]: r["status"] for r in report["not_finished"]} == {
+        "18_bad": "failed", "19_big": "oom", "20_cut": "unreadable", "21_live": "running"}
+    md = compare.render_markdown(report)
+    assert re.search(r"- \*\*unreadable\*\* .*20_cut`\): JSONDecodeError", md)
+
+
 def test_html_is_self_contained(sweep, tmp_path):
     write_report(build_report(gather([tmp_path / "outputs"]), ["outputs"]), tmp_path / "r", png=False)
     page = (tmp_path / "r" / "report.html").read_text()
@@ -223,7 +234,7 @@ def test_report_from_real_tiny_runs(real_runs):
     md = (report_dir / "report.md").read_text()
     page = (report_dir / "report.html").read_text()
     for path in results:
-        assert f"`{path.parent.resolve()}`" in md and path.parent.name in page
+        assert f"`{path.parent.relative_to(cwd)}`" in md and path.parent.name in page  # relative to the cwd
     assert re.search(r"- \*\*failed\*\* preset=gqa_rope n_kv_heads=3 .*: .*n_kv_heads=3 must divide", md)
     assert re.search(r"- \*\*oom\*\* .*OutOfMemoryError: CUDA out of memory", md)
 
