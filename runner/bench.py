@@ -15,6 +15,7 @@ A point that runs out of memory is recorded as {"status": "oom"} and the suite g
 runner/BENCH.md documents every figure.
 """
 import copy
+import os
 import platform
 import time
 from contextlib import contextmanager, nullcontext
@@ -195,6 +196,7 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "profile": profile,
              "warmup": bc.warmup, "repeats": bc.repeats, "memory_kind": memory_kind(device),
              "params": model.num_params(), "val_ppl": metrics.get("val_ppl"), "val_loss": metrics.get("val_loss"),
+             "cpu_load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # others' work skews CPU timings
              "train": [], "prefill": [], "decode": [], "kernels": [], "reference": None}
     started = time.perf_counter()
 
