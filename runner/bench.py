@@ -189,7 +189,6 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     dtype = resolve_dtype(bc.dtype, device)
     profile, sizes = profile_settings(bc, device)
-    parts = bc.run
     timer = lambda fn, setup=None: time_fn(fn, device, bc.warmup, bc.repeats, setup)  # noqa: E731
     metrics = metrics or {}
     bench = {"device": device_name(device), "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
@@ -207,53 +206,27 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
 
     data_cfg, train_cfg = cfg.get("data") or {}, cfg.get("train") or {}
     seq_len = min(bc.train_seq_len or data_cfg.get("seq_len") or model.max_seq_len, model.max_seq_len)
-    if parts.train:
+    if bc.run.train:
         batch_size = bc.train_batch_size or train_cfg.get("batch_size") or 8
-        train_dtype = train_cfg.get("dtype", "auto")
-        fp32_params = next(model.parameters()).dtype == torch.float32
-        autocast = torch.bfloat16 if fp32_params and (
-            train_dtype == "bfloat16" or (train_dtype == "auto" and device.type == "cuda")) else None
-        bench["train"].append(guarded(
-            lambda: measure_train(model, batch_size, seq_len, device, autocast, timer, train_step), device,
-            batch_size=batch_size, seq_len=seq_len, autocast=str(autocast).removeprefix("torch.") if autocast else None))
+        bench["train"].append(train_point(model, batch_size, seq_len, device, train_cfg.get("dtype", "auto"), timer,
+                                          train_step))
         update()
-
-    new_tokens = bc.new_tokens
     with inference_model(model, dtype, device) as im:
         bench["weight_bytes"] = sum(p.numel() * p.element_size() for p in im.parameters())
-        if parts.prefill:
-            for length in sizes["prompt_lengths"]:
-                labels = dict(batch_size=sizes["prefill_batch_size"], prompt_length=length)
-                bench["prefill"].append(
-                    {**labels, "status": "skipped", "error": f"longer than model.max_seq_len={im.max_seq_len}"}
-                    if length > im.max_seq_len else
-                    guarded(lambda: measure_prefill(im, labels["batch_size"], length, dtype, device, timer), device,
-                            **labels))
+        if bc.run.prefill:
+            bench["prefill"] = prefill_points(im, sizes, dtype, device, timer)
             update()
-        if parts.decode:
-            prompt = min(sizes["decode_prompt_length"], im.max_seq_len - 1)
-            new_tokens = min(bc.new_tokens, im.max_seq_len - prompt)  # positions stay below max_seq_len
-            for use_cache, batch_sizes in ((True, sizes["batch_sizes"]), (False, sizes["no_cache_batch_sizes"])):
-                for b in batch_sizes:
-                    bench["decode"].append(guarded(
-                        lambda: measure_decode(im, b, prompt, new_tokens, use_cache, dtype, device, timer), device,
-                        batch_size=b, prompt_length=prompt, new_tokens=new_tokens, cache=use_cache))
-                    update()
+        if bc.run.decode:
+            decode_points(im, sizes, bc.new_tokens, dtype, device, timer, bench["decode"], update)
         kv = guarded(lambda: kv_cache_size(im, dtype, device, max_len=min(im.max_seq_len, 1024)), device)
-        if kv.pop("status") == "ok":
-            bench.update(kv)
-        else:
-            bench.update(kv_cache_bytes_per_token=None, kv_cache_error=kv)
+        bench.update(kv if kv.pop("status") == "ok" else {"kv_cache_bytes_per_token": None, "kv_cache_error": kv})
         run_reference, reason = wants_reference(cfg)
-        if run_reference:
-            bench["reference"] = guarded(lambda: reference_comparison(
-                im, dtype, device, min(sizes["reference_prompt_length"], im.max_seq_len // 2),
-                min(bc.new_tokens, im.max_seq_len // 2), timer), device)
-        else:
-            bench["reference"] = {"status": "skipped", "reason": reason}
+        bench["reference"] = guarded(lambda: reference_comparison(
+            im, dtype, device, min(sizes["reference_prompt_length"], im.max_seq_len // 2),
+            min(bc.new_tokens, im.max_seq_len // 2), timer), device) if run_reference else {
+            "status": "skipped", "reason": reason}
         update()
-
-    if parts.kernels:
+    if bc.run.kernels:
         attn = model.blocks[0].attn
         bench["kernels"] = kernel_points(
             attn.n_heads, attn.n_kv_heads, attn.head_dim, sizes["kernel_seq_lens"], list(bc.kernels.masks),
@@ -262,6 +235,40 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
     summarize_suite(bench, model, seq_len, device)
     update()
     return bench
+
+
+def train_point(model, batch_size, seq_len, device, train_dtype, timer, train_step=None) -> dict:
+    """bf16 autocast over fp32 weights on CUDA, as the training loop does (train.dtype)."""
+    fp32_params = next(model.parameters()).dtype == torch.float32
+    autocast = torch.bfloat16 if fp32_params and (
+        train_dtype == "bfloat16" or (train_dtype == "auto" and device.type == "cuda")) else None
+    return guarded(lambda: measure_train(model, batch_size, seq_len, device, autocast, timer, train_step), device,
+                   batch_size=batch_size, seq_len=seq_len, autocast=str(autocast).removeprefix("torch.") if autocast else None)
+
+
+def prefill_points(model, sizes: dict, dtype, device, timer) -> list[dict]:
+    points = []
+    for length in sizes["prompt_lengths"]:
+        labels = {"batch_size": sizes["prefill_batch_size"], "prompt_length": length}
+        if length > model.max_seq_len:
+            points.append({**labels, "status": "skipped", "error": f"longer than model.max_seq_len={model.max_seq_len}"})
+            continue
+        points.append(guarded(lambda: measure_prefill(model, labels["batch_size"], length, dtype, device, timer),
+                              device, **labels))
+    return points
+
+
+def decode_points(model, sizes: dict, new_tokens: int, dtype, device, timer, points: list, update) -> list[dict]:
+    """With the cache at every bench.<profile>.batch_sizes, without it at no_cache_batch_sizes; each point
+    is appended to `points` and saved (update()) as soon as it is measured."""
+    prompt = min(sizes["decode_prompt_length"], model.max_seq_len - 1)
+    new_tokens = min(new_tokens, model.max_seq_len - prompt)  # positions stay below max_seq_len
+    for use_cache, batch_sizes in ((True, sizes["batch_sizes"]), (False, sizes["no_cache_batch_sizes"])):
+        for b in batch_sizes:
+            points.append(guarded(lambda: measure_decode(model, b, prompt, new_tokens, use_cache, dtype, device, timer),
+                                  device, batch_size=b, prompt_length=prompt, new_tokens=new_tokens, cache=use_cache))
+            update()
+    return points
 
 
 def _ok(points):
