@@ -107,6 +107,18 @@ class TransformerLM(nn.Module):
         matmul_params = self.num_params(exclude_embeddings=True) + self.lm_head.weight.numel() * self.tie_embeddings
         return 6 * matmul_params + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
+    # -- Hugging Face Phi-3 checkpoints (variants/hf.py) ---------------------------------------------
+    @classmethod
+    def from_hf(cls, path_or_hub_id, **overrides) -> "TransformerLM":
+        """A Phi-3 checkpoint (local directory or Hub id); overrides: see variants.hf.from_hf."""
+        from .hf import from_hf
+        return from_hf(path_or_hub_id, model_cls=cls, **overrides)
+
+    def save_hf(self, directory, **kwargs):
+        """Write a checkpoint that transformers loads as Phi3ForCausalLM; see variants.hf.save_hf."""
+        from .hf import save_hf
+        return save_hf(self, directory, **kwargs)
+
     # -- KV cache -----------------------------------------------------------------------------------
     def kv_cache_bytes_per_token(self, dtype=torch.float32) -> int:
         return KVCache.bytes_per_token(self.n_layers, self.n_kv_heads, self.head_dim, dtype)
