@@ -14,6 +14,7 @@ positions start at 0, so a padded row decodes exactly as it would alone.
 """
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -46,7 +47,9 @@ def _long_rope_switch(model) -> int | None:
     """LongRoPE changes every position's frequencies once a sequence outgrows the pre-training context: keys
     cached before that point are stale (transformers' Phi-3 drops its cache there too)."""
     scaling = getattr(getattr(model, "position", None), "scaling", None)
-    return getattr(scaling, "original_max_position_embeddings", None) if getattr(scaling, "needs_seq_len", False) else None
+    if not getattr(scaling, "needs_seq_len", False):
+        return None
+    return scaling.original_max_position_embeddings
 
 
 @torch.no_grad()
@@ -126,11 +129,7 @@ class PromptTokenizer:
     def from_hf(cls, tok, name: str, extra_eos=()):
         """A transformers tokenizer as its checkpoint uses it (its own special tokens, e.g. a leading <s>)."""
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        chat = None
-        if getattr(tok, "chat_template", None):
-            def chat(text):
-                return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                    tokenize=True, return_dict=True)["input_ids"])
+        chat = partial(_user_turn, tok) if getattr(tok, "chat_template", None) else None
         return cls(lambda text: tok(text)["input_ids"], lambda ids: tok.decode(ids, skip_special_tokens=False),
                    [*eos, *extra_eos], name, len(tok), chat)
 
@@ -138,6 +137,12 @@ class PromptTokenizer:
     def from_project(cls, tok, name: str):
         """runner.tokenizer's Tokenizer (the trained BPE or tokenizer.kind=hf)."""
         return cls(tok.encode, tok.decode, [tok.eot_id], name, tok.vocab_size)
+
+
+def _user_turn(tok, text: str) -> list[int]:
+    """`text` as one user message in the tokenizer's chat format, ready for the assistant's reply."""
+    return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)["input_ids"])
 
 
 def checkpoint_tokenizer(checkpoint) -> PromptTokenizer | None:
@@ -175,8 +180,8 @@ def load_model_and_tokenizer(cfg, device):
     tokenizer = checkpoint_tokenizer(checkpoint) if checkpoint else None
     if tokenizer is None:
         if checkpoint and cfg.tokenizer.kind != "hf":
-            raise ValueError(f"checkpoint {checkpoint!r} has no tokenizer, and a freshly trained BPE's ids mean nothing "
-                             f"to it: add tokenizer=hf tokenizer.name_or_path=<its tokenizer>")
+            raise ValueError(f"checkpoint {checkpoint!r} has no tokenizer, and a freshly trained BPE's ids mean "
+                             f"nothing to it: add tokenizer=hf tokenizer.name_or_path=<its tokenizer>")
         tokenizer = project_tokenizer(cfg)
     if not checkpoint and cfg.model.get("vocab_size") is None:
         with open_dict(cfg):
@@ -246,4 +251,5 @@ def main(cfg):
     n_new = sum(len(row) for row in out)
     print(f"# {n_new} tokens in {seconds:.2f} s ({n_new / seconds:.1f} tokens/s, KV cache "
           f"{'on' if g.use_cache else 'off'})", file=sys.stderr)
-    return {"prompts": texts, "prompt_ids": prompts, "tokens": out, "completions": completions, "seconds": seconds}
+    return {"prompts": texts, "prompt_ids": prompts, "tokens": out, "completions": completions, "seconds": seconds,
+            "eos_ids": tok.eos_ids}

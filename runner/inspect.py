@@ -159,8 +159,8 @@ def format_report(r: dict, source: str = "", prompt: str = "") -> str:
 
     mha = kv["mha_bytes_per_token"]
     out += ["", "== KV cache ==",
-            f"per token: 2 (K, V) x {kv['n_layers']} layers x {kv['n_kv_heads']} KV heads x head_dim {kv['head_dim']} x "
-            f"{kv['bytes_per_element']} bytes ({kv['dtype']}) = {_bytes(kv['bytes_per_token'])}",
+            f"per token: 2 (K, V) x {kv['n_layers']} layers x {kv['n_kv_heads']} KV heads x head_dim "
+            f"{kv['head_dim']} x {kv['bytes_per_element']} bytes ({kv['dtype']}) = {_bytes(kv['bytes_per_token'])}",
             f"at full context ({kv['max_seq_len']:,} tokens): {_bytes(kv['bytes_full_context'])} per sequence",
             f"vs MHA ({kv['n_heads']} KV heads): {_bytes(mha)} per token, {mha / kv['bytes_per_token']:.1f}x this"]
     for key, label in (("allocated_prompt", "prompt"), ("allocated_full", "full context")):

@@ -141,8 +141,28 @@ def test_main_on_a_random_preset_with_an_hf_tokenizer(hf_tokenizer_dir, capsys):
     assert "random weights" in capsys.readouterr().err
 
 
+def test_main_with_trained_weights_and_the_project_tokenizer(tmp_path, capsys):
+    """generate.weights: a training run's checkpoint; the tokenizer is the run's BPE (built by runner.data)."""
+    from runner.build import build_model
+    from runner.checkpoint import save_checkpoint
+    from runner.generate import main
+    overrides = ["task=generate", "model=mqa_rope", "model.d_model=32", "model.n_layers=1", "data.max_documents=40",
+                 "tokenizer.vocab_size=300", "data.seq_len=32", f"cache_dir={tmp_path / 'cache'}",
+                 "generate.max_new_tokens=8", f"generate.weights={tmp_path / 'run'}"]
+    torch.manual_seed(123)
+    trained = build_model(compose(overrides).model).eval()
+    save_checkpoint(tmp_path / "run", 6, {"model": trained.state_dict()})
+    result = main(compose(overrides))
+    assert "training checkpoint" in capsys.readouterr().err
+    assert result["tokens"] == generate(trained, result["prompt_ids"], max_new_tokens=8, eos_token_id=result["eos_ids"])
+
+
 @pytest.fixture(scope="module")
 def hf_tokenizer_dir(tmp_path_factory):
+    return save_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def save_tiny_tokenizer(directory):
     """A tiny byte-level BPE (300 ids) wrapped as a transformers tokenizer, saved like a checkpoint's."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -153,6 +173,5 @@ def hf_tokenizer_dir(tmp_path_factory):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1)\n", "import os\n"] * 50,
                             trainer)
-    directory = tmp_path_factory.mktemp("tokenizer")
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(directory)
     return directory

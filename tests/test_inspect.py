@@ -5,8 +5,13 @@ import torch
 
 from conftest import compose, tiny_model
 from runner.inspect import format_report, inspect_model, main
-from test_generate import hf_tokenizer_dir  # noqa: F401  (a fixture)
+from test_generate import save_tiny_tokenizer
 from test_phi3 import save_phi3
+
+@pytest.fixture(scope="module")
+def hf_tokenizer_dir(tmp_path_factory):
+    return save_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
 
 SECTIONS = ["== model ==", "== module tree ==", "== parameters ==", "== shapes for the prompt ==",
             "== next token ==", "== KV cache =="]
@@ -57,7 +62,7 @@ def test_shapes_and_next_token():
     assert top[0]["text"] == f"<{top[0]['id']}>"
 
 
-def test_task_inspect_on_a_checkpoint(tmp_path, hf_tokenizer_dir, capsys, monkeypatch):  # noqa: F811
+def test_task_inspect_on_a_checkpoint(tmp_path, hf_tokenizer_dir, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # inspect.json goes to the run directory, here the cwd
     path, _ = save_phi3(tmp_path, vocab_size=300, num_key_value_heads=1, tie_word_embeddings=True)
     for f in hf_tokenizer_dir.iterdir():
@@ -73,7 +78,7 @@ def test_task_inspect_on_a_checkpoint(tmp_path, hf_tokenizer_dir, capsys, monkey
     assert report["shapes"][-1]["shape"] == [1, len(report["prompt_ids"]), 300]
 
 
-def test_task_inspect_on_a_preset(tmp_path, hf_tokenizer_dir, capsys, monkeypatch):  # noqa: F811
+def test_task_inspect_on_a_preset(tmp_path, hf_tokenizer_dir, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main(compose(["task=inspect", "model=mqa_rope", "tokenizer=hf", f"tokenizer.name_or_path={hf_tokenizer_dir}",
                   "data.seq_len=64", "model.n_layers=2"]))
