@@ -247,12 +247,14 @@ def mean_pool_kv_heads(model: TransformerLM, n_kv_heads: int) -> TransformerLM:
                              f"a divisor of {old} (fewer heads, never more)")
         for name in ("k_proj", "v_proj"):
             proj = getattr(attn, name)
-            w = proj.weight.view(n_kv_heads, old // n_kv_heads, attn.head_dim, -1).mean(1)  # (Hkv', hd, d)
+            # (Hkv', group, hd, d) -> (Hkv', hd, d), averaged in float32 even for bfloat16 weights
+            groups = proj.weight.view(n_kv_heads, old // n_kv_heads, attn.head_dim, -1)
+            w = groups.float().mean(1).to(proj.weight.dtype)
             pooled = nn.Linear(proj.in_features, n_kv_heads * attn.head_dim, bias=proj.bias is not None,
                                device=w.device, dtype=w.dtype)
             pooled.weight.copy_(w.reshape(-1, proj.in_features))
             if proj.bias is not None:
-                pooled.bias.copy_(proj.bias.view(n_kv_heads, old // n_kv_heads, attn.head_dim).mean(1).flatten())
+                pooled.bias.copy_(proj.bias.view(n_kv_heads, old // n_kv_heads, attn.head_dim).float().mean(1).flatten())
             setattr(attn, name, pooled)
         attn.n_kv_heads = n_kv_heads
     return model
