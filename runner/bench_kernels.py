@@ -88,5 +88,4 @@ def _kernel_points(n_heads, n_kv_heads, head_dim, seq_lens, masks, kernels, wind
                     points.append(guarded(lambda: measure(kernel_name), device, kernel=kernel_name,
                                           mask=mask_name, seq_len=seq_len, batch_size=batch))
             reference.clear()
-        del q, k, v
     return points

@@ -107,5 +107,4 @@ def reference_comparison(model, dtype, device, prompt_length: int, new_tokens: i
     out["forward_s"] = {k: v["median_s"] for k, v in forward.items()}
     out["prefill_tokens_per_s"] = {k: throughput(v, prompt_length)["tokens_per_s"] for k, v in prefill.items()}
     out["decode_tokens_per_s"] = {k: throughput(v, new_tokens)["tokens_per_s"] for k, v in decode.items()}
-    del theirs
     return out
