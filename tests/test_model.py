@@ -119,3 +119,10 @@ def test_tied_embeddings_share_one_tensor():
     assert model.lm_head.weight is model.embed.weight
     untied = tiny_model(tie_embeddings=False)
     assert untied.num_params() - model.num_params() == 61 * 32
+
+
+def test_rope_frequencies_stay_float32_when_the_model_is_cast():
+    model = tiny_model().to(torch.bfloat16)
+    assert model.position.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(model.position.inv_freq, RoPE(32, 8, 64).inv_freq)
+    assert model.embed.weight.dtype == torch.bfloat16

@@ -131,6 +131,14 @@ class RoPE(nn.Module):
                                            max_seq_len)
             self.register_buffer("long_inv_freq", long_inv, persistent=False)
 
+    def _apply(self, fn, *args, **kwargs):
+        # Casting the model to bf16/fp16 must not round the frequencies: keep them float32, move device only.
+        kept = {n: b for n, b in self._buffers.items() if n.endswith("inv_freq") and b is not None}
+        super()._apply(fn, *args, **kwargs)
+        for name, original in kept.items():
+            self._buffers[name] = original.to(device=self._buffers[name].device, dtype=torch.float32)
+        return self
+
     def forward(self, x, position_ids):
         inv_freq = self.inv_freq
         if self._per_call and int(position_ids.max()) + 1 > self.scaling.original_max_position_embeddings:
