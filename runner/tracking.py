@@ -136,7 +136,8 @@ class Results:
 
 def is_oom(error: BaseException) -> bool:
     import torch
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    message = str(error).lower()  # CUDA says "out of memory"; the CPU allocator "can't allocate memory"
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in message or "can't allocate memory" in message
 
 
 def sweep_group(cfg: DictConfig) -> str | None:

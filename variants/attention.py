@@ -59,7 +59,7 @@ class FlexKernel:
         attend = flex_attention
         if q.device.type == "cuda":
             if FlexKernel._compiled is None:
-                FlexKernel._compiled = torch.compile(flex_attention, dynamic=False)
+                FlexKernel._compiled = torch.compile(flex_attention)  # dynamic shapes after a first recompile (decode grows kv_len)
             attend = FlexKernel._compiled
         return attend(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
 
