@@ -4,6 +4,8 @@ Each task lives in its own runner module with a `main(cfg)` function; this file 
 config and dispatches, so that `python run.py --cfg job ...` prints a config without importing torch.
 """
 import importlib
+import os
+import time
 
 import hydra
 from omegaconf import DictConfig
@@ -26,5 +28,20 @@ def main(cfg: DictConfig):
     return importlib.import_module(TASKS[cfg.task]).main(cfg)
 
 
+def share_run_stamp():
+    """Under torchrun every rank composes the config, and hydra.run.dir holds the time: ranks started a
+    second apart would write to two directories. Rank 0's clock names it for all (VARIANTS_RUN_STAMP,
+    read by conf/config.yaml); set it yourself to name the directory."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or "VARIANTS_RUN_STAMP" in os.environ:
+        return
+    import torch.distributed as dist
+    from runner.distributed import init_process_group
+    init_process_group()  # kept for the job (runner/distributed.py reuses it)
+    stamp = [time.strftime("%Y-%m-%d/%H-%M-%S")]
+    dist.broadcast_object_list(stamp, src=0, device="cpu")
+    os.environ["VARIANTS_RUN_STAMP"] = stamp[0]
+
+
 if __name__ == "__main__":
+    share_run_stamp()
     main()

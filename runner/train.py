@@ -4,8 +4,12 @@ and record everything (results.json first, then W&B).
 Read top to bottom like nanoGPT's train.py: set-up, the loop, the wrap-up. Faults are part of the job:
 checkpoints are atomic, SIGTERM/Ctrl-C stop at the next step with a checkpoint, a non-finite loss stops
 the run and names the step, and every outcome is written to results.json.
+
+Under torchrun (train.distributed=ddp|fsdp, runner/distributed.py) every rank runs this same loop on its
+share of each batch; rank 0 alone writes results.json, checkpoints, W&B and the progress bar.
 """
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -16,7 +20,8 @@ from omegaconf import DictConfig, open_dict
 from torch import nn
 from tqdm import tqdm
 
-from runner.build import build_model, check_model_config, resolve_device
+from runner import distributed
+from runner.build import build_model, check_model_config
 from runner.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from runner.evaluate import evaluate
 from runner.tracking import Results, is_oom, output_dir, start_logger
@@ -25,16 +30,25 @@ from runner.tracking import Results, is_oom, output_dir, start_logger
 class Interrupted(Exception):
     """Raised at a step boundary after SIGTERM or Ctrl-C (a checkpoint has been saved)."""
 
+    def __init__(self, message: str, stop: "StopSignal | None" = None):
+        super().__init__(message)
+        self.stop = stop
+
 
 class StopSignal:
-    """SIGTERM / SIGINT set a flag; the loop checks it between steps, so nothing is left half-done."""
+    """SIGTERM / SIGINT set a flag; the loop checks it between steps, so nothing is left half-done.
 
-    def __init__(self):
+    In a submitit job the cluster's time-limit/preemption signal (USR2) is caught too; after the
+    checkpoint, `forward()` hands it to submitit's own handler, which requeues the job.
+    """
+
+    def __init__(self, extra=()):
         self.received = None
+        self._signals = (signal.SIGTERM, signal.SIGINT, *extra)
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in self._signals:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (some launchers): signals stay as they were
@@ -49,6 +63,13 @@ class StopSignal:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def forward(self):
+        """Call the handler that was installed before ours for the received signal, if it was a Python one."""
+        sig = signal.Signals[self.received] if self.received else None
+        handler = self._previous.get(sig)
+        if callable(handler) and sig not in (signal.SIGINT, signal.SIGTERM):
+            handler(sig, None)
 
 
 def param_groups(model: nn.Module, weight_decay: float):
@@ -76,24 +97,38 @@ def check_train_config(cfg: DictConfig):
         raise ValueError(f"train.max_steps must be >= 1, got {t.max_steps}")
     if t.grad_accum < 1 or t.batch_size % t.grad_accum:
         raise ValueError(f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}")
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if t.distributed != "none" else 1
+    if t.batch_size % (world_size * t.grad_accum):
+        raise ValueError(f"train.batch_size={t.batch_size} (the global batch) must be divisible by "
+                         f"WORLD_SIZE={world_size} x train.grad_accum={t.grad_accum}")
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
 
 
+class RankResults(Results):
+    """Ranks other than 0 keep the record in memory; rank 0 alone writes results.json."""
+
+    def write(self):
+        pass
+
+
 def main(cfg: DictConfig):
-    out_dir = output_dir()
-    results = Results(cfg, out_dir, task="train")  # first, so that no outcome goes unrecorded
-    logger, status, error = None, "failed", None
+    out_dir = output_dir()  # the same on every rank (run.py shares rank 0's timestamp)
+    is_main = distributed.process_rank() == 0
+    results = (Results if is_main else RankResults)(cfg, out_dir, task="train")  # first: no outcome unrecorded
+    logger, status, error, dist, stop = None, "failed", None, None, None
     try:
         check_model_config(cfg.model)  # before any data is read or weight allocated
         check_train_config(cfg)
-        logger = start_logger(cfg, results)
-        train(cfg, results, logger, out_dir)
+        dist = distributed.setup(cfg.train.distributed, cfg.train.device)
+        logger = start_logger(cfg, results) if is_main else None
+        train(cfg, results, logger, out_dir, dist)
         status = "ok"
     except Interrupted as err:
-        status = "interrupted"
+        status, stop = "interrupted", err.stop
         results.data["error"] = {"type": "Interrupted", "message": str(err)}
-        print(f"\n{err}")
+        if is_main:
+            print(f"\n{err}")
     except BaseException as err:
         status, error = ("oom" if is_oom(err) else "failed"), err
         raise
@@ -102,66 +137,95 @@ def main(cfg: DictConfig):
         if logger is not None:
             logger.summary({"status": status, **results.data["metrics"]})
             logger.finish(status)
-    print_summary(results.data)
+        if dist is not None:
+            distributed.close(dist, ok=status in ("ok", "interrupted"))
+    if is_main:
+        print_summary(results.data)
+    if stop is not None:
+        stop.forward()  # submitit's requeue, after the checkpoint and the record
     return results.data
 
 
-def train(cfg: DictConfig, results: Results, logger, out_dir):
+def train(cfg: DictConfig, results: Results, logger, out_dir, dist: distributed.Dist):
     from runner.data import BatchLoader, build_data  # imported here so that `--cfg job` stays light
 
     t = cfg.train
-    device = resolve_device(t.device)
+    device = dist.device
     use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
     autocast = torch.bfloat16 if use_bf16 else None
-    torch.manual_seed(t.seed)
+    torch.manual_seed(t.seed)  # the same on every rank: identical initial weights
 
+    if not dist.is_main:
+        distributed.barrier(dist)  # rank 0 tokenizes and fills the data cache first; the others read it
     data = build_data(cfg)
+    if dist.is_main:
+        distributed.barrier(dist)
     if cfg.model.get("vocab_size") is None:
         with open_dict(cfg):
             cfg.model.vocab_size = data.tokenizer.vocab_size
     if cfg.model.vocab_size < data.tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                          f"{data.tokenizer.vocab_size} tokens")
-    results.update(data=data.stats)
+    results.update(data=data.stats, distributed={"mode": dist.mode, "world_size": dist.world_size})
 
     model = build_model(cfg.model, device)
     n_params = model.num_params()
     results.update(params=n_params, params_non_embedding=model.num_params(exclude_embeddings=True))
+    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    model = distributed.wrap(model, dist)  # DDP or FSDP2 under torchrun; the model itself otherwise
     fwd_model = torch.compile(model) if t.compile else model
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio))
-    micro_batch = t.batch_size // t.grad_accum
-    loader = BatchLoader(data.train, micro_batch, seed=t.seed)
+    # A step takes batch_size rows of the epoch's permutation, cut into world_size x grad_accum interleaved
+    # shards; rank r's micro-step a takes shard r * grad_accum + a. Which rows a step and each micro-batch
+    # hold does not depend on how the work is split: one process with grad_accum=2 computes exactly what
+    # two ranks with grad_accum=1 compute, and a checkpoint's loader position fits any split.
+    shards = dist.world_size * t.grad_accum
+    loaders = [BatchLoader(data.train, t.batch_size // shards, seed=t.seed, rank=dist.rank * t.grad_accum + a,
+                           world_size=shards) for a in range(t.grad_accum)]
     tokens_per_step = t.batch_size * cfg.data.seq_len
-    flops_per_token = model.flops_per_token(cfg.data.seq_len)
     peak_flops = _peak_flops(device)
+    if peak_flops:
+        peak_flops *= dist.world_size
 
     step, curves = 0, {"train": [], "val": []}
     if t.resume:
         resume_from = out_dir if t.resume is True else t.resume
-        ckpt_path = latest_checkpoint(resume_from)
+        ckpt_path = distributed.broadcast(latest_checkpoint(resume_from) if dist.is_main else None, dist)
         if ckpt_path is None:
-            print(f"train.resume: no checkpoint in {resume_from}; starting from scratch")
+            if dist.is_main:
+                print(f"train.resume: no checkpoint in {resume_from}; starting from scratch")
         else:
-            ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+            # rank 0 reads the file; the weights and optimizer state reach the other ranks by broadcast
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if dist.is_main else {}
+            distributed.load_full_state_dicts(model, optimizer, ckpt.get("model", {}), ckpt.get("optimizer", {}),
+                                              dist)
+            ckpt = distributed.broadcast({k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}, dist)
             scheduler.load_state_dict(ckpt["scheduler"])
-            loader.load_state_dict(ckpt["loader"])
+            for loader in loaders:
+                loader.load_state_dict(ckpt["loader"])
             set_rng_state(ckpt["rng"])
             step, curves = ckpt["step"], ckpt["curves"]
-            print(f"resumed from {ckpt_path} at step {step}")
+            if dist.is_main:
+                print(f"resumed from {ckpt_path} at step {step}")
             results.update(resumed_from=str(ckpt_path))
 
     def checkpoint():
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "rng": rng_state(),
+        model_state, optimizer_state = distributed.full_state_dicts(model, optimizer)  # every rank takes part
+        if not dist.is_main:
+            return None
+        state = {"model": model_state, "optimizer": optimizer_state,
+                 "scheduler": scheduler.state_dict(), "loader": loaders[0].state_dict(), "rng": rng_state(),
                  "step": step, "curves": curves}
         return save_checkpoint(out_dir, step, state)
 
     def validate(max_batches):
-        metrics = evaluate(model, data.val_batches(t.batch_size, max_batches), device, autocast)
+        if dist.enabled:  # each rank its share of the rows; DDP's own module, as its wrapper syncs buffers
+            metrics = distributed.evaluate_sharded(distributed.unwrap(model), data.val, t.batch_size, max_batches,
+                                                   dist, autocast)
+        else:
+            metrics = evaluate(model, data.val_batches(t.batch_size, max_batches), device, autocast)
         point = {"step": step, "tokens": step * tokens_per_step, "loss": metrics["loss"], "ppl": metrics["ppl"]}
         curves["val"].append(point)
         results.update(curves=curves)
@@ -171,29 +235,40 @@ def train(cfg: DictConfig, results: Results, logger, out_dir):
 
     model.train()
     window_time, window_loss, window_steps = 0.0, 0.0, 0
-    bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
-    with StopSignal() as stop:
+    bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
+               disable=not dist.is_main)
+    stop_seen = False  # across ranks: every rank must stop at the same step (checkpointing is collective)
+    with StopSignal(distributed.cluster_signals()) as stop:
         while step < t.max_steps:
-            if stop.received:
+            stopping = stop_seen if dist.enabled else stop.received
+            if stopping:
                 path = checkpoint()
-                raise Interrupted(f"{stop.received} at step {step}: checkpoint {path}; resume with train.resume=true")
+                raise Interrupted(f"{stop.received or 'a signal to another rank'} at step {step}: checkpoint {path}; "
+                                  f"resume with train.resume=true", stop)
             started = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
-            for _ in range(t.grad_accum):
+            for a, loader in enumerate(loaders):
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
-                with torch.autocast(device.type, dtype=autocast) if autocast else nullcontext():
-                    logits = fwd_model(batch["input_ids"], position_ids=batch["position_ids"],
-                                       document_ids=batch["document_ids"])
-                loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
-                if t.fail_at_step is not None and step + 1 == t.fail_at_step:
-                    loss = loss * float("nan")  # testing aid: a divergence at a known step
-                (loss / t.grad_accum).backward()
+                with distributed.gradient_sync(model, sync=a == len(loaders) - 1):  # all-reduce once per step
+                    with torch.autocast(device.type, dtype=autocast) if autocast else nullcontext():
+                        logits = fwd_model(batch["input_ids"], position_ids=batch["position_ids"],
+                                           document_ids=batch["document_ids"])
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+                    if t.fail_at_step is not None and step + 1 == t.fail_at_step:
+                        loss = loss * float("nan")  # testing aid: a divergence at a known step
+                    (loss / t.grad_accum).backward()
                 loss_sum += loss.detach()
+            if dist.enabled:  # the mean loss over all ranks' micro-batches, and whether any rank was signalled
+                reduced = distributed.all_reduce_sum(torch.stack([loss_sum, torch.tensor(
+                    float(stop.received is not None), device=device)]), dist)
+                loss_sum, stop_seen = reduced[0] / dist.world_size, bool(reduced[1] > 0)
             step_loss = (loss_sum / t.grad_accum).item()
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"non-finite training loss ({step_loss}) at step {step + 1}; "
                                          f"lower train.lr or check the data")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                grad_norm = grad_norm.full_tensor()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -231,9 +306,12 @@ def train(cfg: DictConfig, results: Results, logger, out_dir):
         "mfu": (_median_throughput(curves["train"]) * flops_per_token / peak_flops) if peak_flops else None,
     }
     results.update(metrics=metrics, curves=curves)
-    if t.bench:
+    if t.bench and dist.mode == "fsdp" and dist.enabled:
+        if dist.is_main:
+            print("train.bench: skipped under FSDP (the weights are sharded); run task=bench on the checkpoint")
+    elif t.bench and dist.is_main:  # one replica is enough (DDP's module)
         from runner.bench import run_suite
-        bench = run_suite(model, cfg, device=device, metrics=metrics)
+        bench = run_suite(distributed.unwrap(model), cfg, device=device, metrics=metrics)
         results.update(bench=bench)
         if logger:
             for key in ("prefill", "decode", "kernels"):
