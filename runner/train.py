@@ -336,6 +336,7 @@ def _peak_flops(device):
 def print_summary(record: dict):
     m = record.get("metrics") or {}
     v = record.get("variant") or {}
+    b = record.get("bench") or {}
     rows = [
         ("status", record.get("status")),
         ("variant", " ".join(f"{k}={v[k]}" for k in ("preset", "norm_position", "norm", "ffn", "position", "attention")
@@ -345,6 +346,9 @@ def print_summary(record: dict):
         ("val loss / ppl", f"{_fmt(m.get('val_loss'))} / {_fmt(m.get('val_ppl'), 2)}  "
                            f"({m.get('val_tokens', 0):,} tokens)" if m.get("val_loss") is not None else None),
         ("train tokens/s", f"{m['train_tokens_per_s']:,.0f}" if m.get("train_tokens_per_s") else None),
+        ("decode tokens/s", f"{b['decode_tokens_per_s']:,.0f} with KV cache, {b['decode_tokens_per_s_no_cache']:,.0f} "
+                            f"without ({b['kv_cache_speedup']:.1f}x)" if b.get("kv_cache_speedup") else None),
+        ("peak memory", f"{b['peak_memory_bytes'] / 2**20:,.0f} MiB" if b.get("peak_memory_bytes") else None),
         ("results", str(record.get("output_dir", "")) + "/results.json"),
     ]
     if record.get("error"):

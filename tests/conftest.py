@@ -26,6 +26,12 @@ def compose(overrides=()):
         return hydra_compose("config", overrides=list(overrides))
 
 
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One tokenizer/data cache for the session's subprocess runs: the corpus is tokenized once."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

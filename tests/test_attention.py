@@ -1,9 +1,7 @@
 """Attention: kernels, masks, head layouts and the KV cache, each against an independent reference."""
-from functools import partial
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import tiny_model
 from variants import KERNELS, Attention, AttentionContext, Causal, SlidingWindow, StridedSparse

@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -55,7 +56,7 @@ def open_report(html_path, tmp_path):
     return out.stdout, console, height
 
 
-def screenshot(html_path, tmp_path, height) -> "Path":
+def screenshot(html_path, tmp_path, height) -> Path:
     shot = tmp_path / "report.png"
     out, console = chromium(tmp_path, f"--window-size=1400,{min(height + 20, 16000)}", f"--screenshot={shot}",
                             html_path.as_uri())

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, compose
-from test_train import TINY, cache_dir, results, run  # noqa: F401 (cache_dir: the session's data cache)
+from test_train import TINY, results, run
 
 TIMING = ("tokens_per_s", "mfu")
 

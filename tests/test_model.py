@@ -1,6 +1,5 @@
 """TransformerLM as a whole: positions, document isolation, parameter counts."""
 import math
-from functools import partial
 
 import pytest
 import torch

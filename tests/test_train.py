@@ -18,11 +18,6 @@ TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.attent
         "tokenizer.vocab_size=300", "data.seq_len=32", "logger=none"]
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 def run(args, cwd, cache_dir, check=True, env=None, **kwargs):
     flags = [a for a in args if a.startswith("-")]  # Hydra's flags (-m) go before the overrides
     cmd = [sys.executable, str(ROOT / "run.py"), *flags, *TINY, f"cache_dir={cache_dir}",

@@ -7,7 +7,6 @@ Every part arrives as a factory (a class or a `functools.partial`, which is what
 produces) and the model hands it the shared sizes, so a user's own class plugs in through config.
 """
 import math
-from functools import partial
 
 import torch
 import torch.nn.functional as F
