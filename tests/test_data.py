@@ -162,14 +162,26 @@ def test_cache_reloads_without_retraining_or_repacking(txt_cfg):
     assert build_data(txt_cfg, rebuild=True).stats["tokenizer"]["trained"]
 
 
+def counted_efficiency(split, pad_id, n_documents):
+    """Real slots over all slots, counted from the raw input rows alone: every input that is not pad_id is a
+    document's token (pad_id is eot_id, and an eot never occurs inside a document), plus one eot per document."""
+    ids = np.asarray(split.input_ids)
+    return (int((ids != pad_id).sum()) + n_documents) / ids.size
+
+
 def test_packing_none_pads_and_is_less_efficient(txt_cfg):
     packed = build_data(txt_cfg)
     txt_cfg.data.packing = "none"
     unpacked = build_data(txt_cfg)
-    assert unpacked.stats["packing_efficiency"] < packed.stats["packing_efficiency"]
-    assert unpacked.stats["packing_efficiency"] == pytest.approx(unpacked.train.efficiency())
-    assert packed.stats["packing_efficiency"] == pytest.approx(packed.train.efficiency())
-    assert packed.stats["packing_efficiency_by_mode"]["none"]["train"] == pytest.approx(unpacked.train.efficiency())
+    assert packed.tokenizer.pad_id == packed.tokenizer.eot_id  # what counted_efficiency relies on
+    n_documents = len(load_corpus(txt_cfg.data, txt_cfg.cache_dir).train)
+    packed_eff = counted_efficiency(packed.train, packed.tokenizer.pad_id, n_documents)
+    unpacked_eff = counted_efficiency(unpacked.train, unpacked.tokenizer.pad_id, n_documents)
+    assert unpacked_eff < packed_eff
+    assert unpacked.stats["packing_efficiency"] == pytest.approx(unpacked_eff) == unpacked.train.efficiency()
+    assert packed.stats["packing_efficiency"] == pytest.approx(packed_eff) == packed.train.efficiency()
+    assert packed.stats["packing_efficiency_by_mode"]["none"]["train"] == pytest.approx(unpacked_eff)
+    assert unpacked.stats["packing_efficiency_by_mode"]["documents"]["train"] == pytest.approx(packed_eff)
     docs = np.asarray(unpacked.train.document_ids)
     assert len(unpacked.train) > len(packed.train)
     # one document per row: a row's real tokens all belong to one document, padding is masked
