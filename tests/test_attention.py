@@ -115,17 +115,39 @@ def test_kv_parameter_counts_shrink_with_fewer_kv_heads():
         assert sum(p.numel() for p in attn.parameters()) == 2 * d * H * hd + 2 * d * n_kv * hd
 
 
+# packed rows of several documents; position 13 is inside a document in row 0 and a document's first token in row 1
+PACKED_DOCS = torch.tensor([[0] * 5 + [1] * 10 + [2] * 9, [0] * 13 + [1] * 11])
+
+
 @pytest.mark.parametrize("kernel", ["eager", "sdpa", "flex"])
 @pytest.mark.parametrize("pattern", PATTERNS, ids=repr)
-def test_model_is_causal(kernel, pattern):
+@pytest.mark.parametrize("docs", [None, PACKED_DOCS], ids=["one_document", "packed_documents"])
+def test_model_is_causal(kernel, pattern, docs):
     model = tiny_model(kernel=kernel, attention_schedule=[pattern])
     x = torch.randint(0, 61, (2, 24))
     t = 13
     y = x.clone()
     y[:, t + 1:] = torch.randint(0, 61, (2, 24 - t - 1))
+    with torch.no_grad():  # FlexAttention has no CPU backward; the forward is all this needs
+        out_x, out_y = model(x, document_ids=docs), model(y, document_ids=docs)
+    torch.testing.assert_close(out_x[:, :t + 1], out_y[:, :t + 1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out_x[:, t + 1:], out_y[:, t + 1:])
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa", "flex"])
+@pytest.mark.parametrize("pattern", PATTERNS, ids=repr)
+def test_packed_documents_see_only_themselves(kernel, pattern):
+    """Each document of a packed row gets the logits it gets alone: the documents before and after it are
+    invisible, and its positions restart at 0."""
+    model = tiny_model(kernel=kernel, attention_schedule=[pattern])
+    x = torch.randint(0, 61, (2, 24))
     with torch.no_grad():
-        torch.testing.assert_close(model(x)[:, :t + 1], model(y)[:, :t + 1], atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(model(x)[:, t + 1:], model(y)[:, t + 1:])
+        packed = model(x, document_ids=PACKED_DOCS)
+        for b, row in enumerate(PACKED_DOCS):
+            for doc in row.unique():
+                cols = (row == doc).nonzero().squeeze(1)  # one contiguous run
+                alone = model(x[b:b + 1, cols])[0]
+                torch.testing.assert_close(packed[b, cols], alone, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kernel", ["eager", "sdpa", "flex"])
