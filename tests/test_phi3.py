@@ -12,9 +12,10 @@ from torch import nn
 
 from conftest import compose
 from runner.build import build_model
-from variants import MLP, Attention, Causal, LearnedPosition, LinearScaling, LongRoPEScaling, RoPE, SlidingWindow
-from variants import StridedSparse, TransformerLM
-from variants.hf import mean_pool_kv_heads, to_hf_model
+from variants import MLP, Attention, Causal, GatedMLP, LearnedPosition, LinearScaling, LongRoPEScaling, RoPE
+from variants import SlidingWindow, StridedSparse, TransformerLM
+from variants.ffn import ACTIVATIONS
+from variants.hf import HF_ACTIVATIONS, mean_pool_kv_heads, to_hf_model
 
 transformers = pytest.importorskip("transformers")
 from transformers import Phi3Config, Phi3ForCausalLM  # noqa: E402
@@ -58,6 +59,8 @@ CASES = {
     "partial_rotary_tied": ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                  "partial_rotary_factor": 0.5}, "tie_word_embeddings": True}, 40),
     "sliding_window": ({"sliding_window": 8}, 40),
+    "partial_rotary_geglu": ({"rope_parameters": {"rope_type": "default", "rope_theta": 500.0,
+                                                  "partial_rotary_factor": 0.5}, "hidden_act": "gelu_pytorch_tanh"}, 40),
 }
 
 
@@ -69,6 +72,21 @@ def test_logits_match_transformers(tmp_path, case):
     x = tokens(T)
     assert max_diff(ours, hf, x) < 1e-4
     assert not ours.training and ours.embed.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("hidden_act", sorted(HF_ACTIVATIONS))
+def test_every_mapped_activation_matches_transformers(tmp_path, hidden_act):
+    """Phi3MLP is down(ACT2FN[hidden_act](gate(x)) * up(x)): our GatedMLP with the mapped activation."""
+    path, hf = save_phi3(tmp_path, hidden_act=hidden_act)
+    ours = TransformerLM.from_hf(path)
+    assert ours.blocks[0].ffn.act is ACTIVATIONS[HF_ACTIVATIONS[hidden_act]]
+    assert max_diff(ours, hf, tokens(24)) < 1e-4
+
+
+def test_an_activation_without_counterpart_is_refused(tmp_path):
+    path, _ = save_phi3(tmp_path, hidden_act="quick_gelu")  # x * sigmoid(1.702 x): not one of ours
+    with pytest.raises(ValueError, match="hidden_act='quick_gelu'.*gelu_pytorch_tanh"):
+        TransformerLM.from_hf(path)
 
 
 def test_the_cases_exercise_what_they_claim(tmp_path):
@@ -146,7 +164,8 @@ PHI3_COMPATIBLE = {
     "gqa_window": {"attention": partial(Attention, n_kv_heads=2, window=8)},
     "longrope_tied": {"tie_embeddings": True,
                       "position": partial(RoPE, scaling=LongRoPEScaling(SHORT, LONG, 16))},
-    "partial_rotary_gelu": {"position": partial(RoPE, partial_rotary_factor=0.5, theta=500.0)},
+    "partial_rotary_geglu": {"position": partial(RoPE, partial_rotary_factor=0.5, theta=500.0),
+                             "ffn": partial(GatedMLP, activation="gelu_tanh")},
 }
 
 
@@ -156,6 +175,8 @@ def test_save_hf_round_trips(tmp_path, case):
     model = TransformerLM(VOCAB, 64, 2, 4, 64, **PHI3_COMPATIBLE[case]).eval()
     model.save_hf(tmp_path)
     hf = Phi3ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    activation = next(name for name, fn in ACTIVATIONS.items() if fn is model.blocks[0].ffn.act)
+    assert HF_ACTIVATIONS[hf.config.hidden_act] == activation
     x = tokens(40)
     assert max_diff(model, hf, x) < 1e-4
     with torch.no_grad():

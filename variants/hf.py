@@ -114,7 +114,8 @@ def architecture(cfg: dict, kernel: str = "sdpa", window=None, attention_schedul
     d_model, n_heads = cfg.get("hidden_size", 3072), cfg.get("num_attention_heads", 32)
     act = cfg.get("hidden_act", "silu")
     if act not in HF_ACTIVATIONS:
-        raise ValueError(f"hidden_act={act!r} has no counterpart in variants.ffn ({sorted(HF_ACTIVATIONS)})")
+        raise ValueError(f"config.json's hidden_act={act!r} has no counterpart in variants.ffn: the gated MLP loads "
+                         f"with hidden_act one of {sorted(HF_ACTIVATIONS)}")
     if attention_schedule is None and window is None:
         window = cfg.get("sliding_window")  # Phi-3 applies it to every layer
     return dict(
