@@ -27,8 +27,10 @@ from runner.evaluate import evaluate
 from runner.tracking import Results, is_oom, output_dir, start_logger
 
 
-class Interrupted(Exception):
-    """Raised at a step boundary after SIGTERM or Ctrl-C (a checkpoint has been saved)."""
+class Interrupted(BaseException):
+    """Raised at a step boundary after SIGTERM or Ctrl-C (a checkpoint has been saved), or at once on SIGTERM
+    outside the training loop. A BaseException, like KeyboardInterrupt: code that carries on past an ordinary
+    error (a benchmark point, a data worker) must not swallow a stop."""
 
     def __init__(self, message: str, stop: "StopSignal | None" = None):
         super().__init__(message)
@@ -103,6 +105,21 @@ def check_train_config(cfg: DictConfig):
                          f"WORLD_SIZE={world_size} x train.grad_accum={t.grad_accum}")
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    if cfg.model.get("checkpoint") and cfg.tokenizer.kind != "hf":
+        raise ValueError(f"model.checkpoint={cfg.model.checkpoint!r} needs the tokenizer its weights were trained "
+                         f"with, not a fresh BPE: add tokenizer=hf tokenizer.name_or_path={cfg.model.checkpoint} "
+                         f"(or tokenizer=phi3)")
+
+
+def _sigterm_raises_interrupted():
+    """Make SIGTERM raise Interrupted (as Ctrl-C raises KeyboardInterrupt), so that a run stopped before or
+    after its training loop still records `interrupted`; the loop installs its own, step-boundary handler."""
+    def handle(signum, frame):
+        raise Interrupted("SIGTERM")
+    try:
+        return signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread
+        return None
 
 
 class RankResults(Results):
@@ -117,6 +134,7 @@ def main(cfg: DictConfig):
     is_main = distributed.process_rank() == 0
     results = (Results if is_main else RankResults)(cfg, out_dir, task="train")  # first: no outcome unrecorded
     logger, status, error, dist, stop = None, "failed", None, None, None
+    previous_sigterm = _sigterm_raises_interrupted()  # outside the loop (data, evaluation, benchmark): stop now
     try:
         check_model_config(cfg.model)  # before any data is read or weight allocated
         check_train_config(cfg)
@@ -124,11 +142,14 @@ def main(cfg: DictConfig):
         logger = start_logger(cfg, results) if is_main else None
         train(cfg, results, logger, out_dir, dist)
         status = "ok"
-    except Interrupted as err:
-        status, stop = "interrupted", err.stop
-        results.data["error"] = {"type": "Interrupted", "message": str(err)}
+    except (Interrupted, KeyboardInterrupt) as err:
+        status, stop = "interrupted", getattr(err, "stop", None)
+        message = str(err) if stop else (f"{str(err) or 'Ctrl-C'}: stopped without a new checkpoint; latest: "
+                                         f"{latest_checkpoint(out_dir)}; resume with train.resume=true "
+                                         f"hydra.run.dir={out_dir}")
+        results.data["error"] = {"type": "Interrupted", "message": message}
         if is_main:
-            print(f"\n{err}")
+            print(f"\n{message}")
     except BaseException as err:
         status, error = ("oom" if is_oom(err) else "failed"), err
         raise
@@ -139,6 +160,8 @@ def main(cfg: DictConfig):
             logger.finish(status)
         if dist is not None:
             distributed.close(dist, ok=status in ("ok", "interrupted"))
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     if is_main:
         print_summary(results.data)
     if stop is not None:
@@ -163,12 +186,12 @@ def train(cfg: DictConfig, results: Results, logger, out_dir, dist: distributed.
     if cfg.model.get("vocab_size") is None:
         with open_dict(cfg):
             cfg.model.vocab_size = data.tokenizer.vocab_size
-    if cfg.model.vocab_size < data.tokenizer.vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                         f"{data.tokenizer.vocab_size} tokens")
     results.update(data=data.stats, distributed={"mode": dist.mode, "world_size": dist.world_size})
 
     model = build_model(cfg.model, device)
+    if model.vocab_size < data.tokenizer.vocab_size:  # the built model's: a checkpoint has its own size
+        raise ValueError(f"the model has {model.vocab_size} token embeddings (model.vocab_size), fewer than the "
+                         f"tokenizer's {data.tokenizer.vocab_size} tokens")
     n_params = model.num_params()
     results.update(params=n_params, params_non_embedding=model.num_params(exclude_embeddings=True))
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
@@ -190,6 +213,8 @@ def train(cfg: DictConfig, results: Results, logger, out_dir, dist: distributed.
         peak_flops *= dist.world_size
 
     step, curves = 0, {"train": [], "val": []}
+    # the steps since the last logged train point: checkpointed, so a resumed curve averages the same steps
+    window = {"time": 0.0, "loss": 0.0, "steps": 0}
     if t.resume:
         resume_from = out_dir if t.resume is True else t.resume
         ckpt_path = distributed.broadcast(latest_checkpoint(resume_from) if dist.is_main else None, dist)
@@ -207,6 +232,7 @@ def train(cfg: DictConfig, results: Results, logger, out_dir, dist: distributed.
                 loader.load_state_dict(ckpt["loader"])
             set_rng_state(ckpt["rng"])
             step, curves = ckpt["step"], ckpt["curves"]
+            window.update(ckpt.get("log_window", {}))
             if dist.is_main:
                 print(f"resumed from {ckpt_path} at step {step}")
             results.update(resumed_from=str(ckpt_path))
@@ -217,7 +243,7 @@ def train(cfg: DictConfig, results: Results, logger, out_dir, dist: distributed.
             return None
         state = {"model": model_state, "optimizer": optimizer_state,
                  "scheduler": scheduler.state_dict(), "loader": loaders[0].state_dict(), "rng": rng_state(),
-                 "step": step, "curves": curves}
+                 "step": step, "curves": curves, "log_window": dict(window)}
         return save_checkpoint(out_dir, step, state)
 
     def validate(max_batches):
@@ -234,7 +260,6 @@ def train(cfg: DictConfig, results: Results, logger, out_dir, dist: distributed.
         return metrics
 
     model.train()
-    window_time, window_loss, window_steps = 0.0, 0.0, 0
     bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=not dist.is_main)
     stop_seen = False  # across ranks: every rank must stop at the same step (checkpointing is collective)
@@ -244,7 +269,7 @@ def train(cfg: DictConfig, results: Results, logger, out_dir, dist: distributed.
             if stopping:
                 path = checkpoint()
                 raise Interrupted(f"{stop.received or 'a signal to another rank'} at step {step}: checkpoint {path}; "
-                                  f"resume with train.resume=true", stop)
+                                  f"resume with train.resume=true hydra.run.dir={out_dir}", stop)
             started = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             for a, loader in enumerate(loaders):
@@ -274,13 +299,14 @@ def train(cfg: DictConfig, results: Results, logger, out_dir, dist: distributed.
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            window_time += time.perf_counter() - started
             step += 1
-            window_loss, window_steps = window_loss + step_loss, window_steps + 1
+            window["time"] += time.perf_counter() - started
+            window["loss"] += step_loss
+            window["steps"] += 1
 
             if step % t.log_every == 0 or step == t.max_steps:
-                tok_s = tokens_per_step * window_steps / max(window_time, 1e-9)
-                point = {"step": step, "tokens": step * tokens_per_step, "loss": window_loss / window_steps,
+                tok_s = tokens_per_step * window["steps"] / max(window["time"], 1e-9)
+                point = {"step": step, "tokens": step * tokens_per_step, "loss": window["loss"] / window["steps"],
                          "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
                 if peak_flops:
                     point["mfu"] = flops_per_token * tok_s / peak_flops
@@ -288,13 +314,15 @@ def train(cfg: DictConfig, results: Results, logger, out_dir, dist: distributed.
                 bar.set_postfix(loss=f"{point['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
                 if logger:
                     logger.log({f"train/{k}": v for k, v in point.items() if k != "step"}, step)
-                window_time, window_loss, window_steps = 0.0, 0.0, 0
+                window.update(time=0.0, loss=0.0, steps=0)
             bar.update(1)
             if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
                 validate(t.eval_batches)
             if t.checkpoint_every and step % t.checkpoint_every == 0:
                 checkpoint()
     bar.close()
+    if t.checkpoint_every and step % t.checkpoint_every:
+        checkpoint()  # the final weights, for task=generate/eval and for a longer run that resumes
 
     final = validate(t.final_eval_batches)
     total_tokens = tokens_per_step * t.max_steps
@@ -314,7 +342,7 @@ def train(cfg: DictConfig, results: Results, logger, out_dir, dist: distributed.
         bench = run_suite(distributed.unwrap(model), cfg, device=device, metrics=metrics)
         results.update(bench=bench)
         if logger:
-            for key in ("prefill", "decode", "kernels"):
+            for key in ("train", "prefill", "decode", "kernels"):
                 logger.log_table(f"bench/{key}", bench.get(key) or [])
             logger.summary({f"bench/{k}": v for k, v in bench.items() if isinstance(v, (int, float))})
 

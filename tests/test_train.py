@@ -51,25 +51,34 @@ def test_results_json_holds_the_run(tmp_path, cache_dir):
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, cache_dir):
-    run(["hydra.run.dir=run", "train.checkpoint_every=3"], tmp_path, cache_dir)
+    # log_every=2 with a checkpoint at step 3: the logged point at step 4 averages a step from each side
+    run(["hydra.run.dir=run", "train.checkpoint_every=3", "train.log_every=2"], tmp_path, cache_dir)
     full = results(tmp_path / "run")["curves"]
     ckpts = sorted((tmp_path / "run" / "checkpoints").glob("step_*.pt"))
     assert [c.name for c in ckpts] == ["step_0000003.pt", "step_0000006.pt"]
     ckpts[-1].unlink()  # as if the run had died after step 3's checkpoint
     (tmp_path / "run" / "checkpoints" / ".tmp_step_0000005.pt").write_bytes(b"half-written")  # never loaded
-    run(["hydra.run.dir=run", "train.checkpoint_every=3", "train.resume=true"], tmp_path, cache_dir)
+    run(["hydra.run.dir=run", "train.checkpoint_every=3", "train.log_every=2", "train.resume=true"], tmp_path,
+        cache_dir)
     resumed = results(tmp_path / "run")
     assert resumed["resumed_from"].endswith("step_0000003.pt")
-    timing = ("tokens_per_s", "mfu")
-    strip = lambda points: [{k: v for k, v in p.items() if k not in timing} for p in points]
-    assert strip(resumed["curves"]["train"]) == strip(full["train"])  # bit-for-bit on CPU: loss, lr, grad norm
+    assert [p["step"] for p in full["train"]] == [2, 4, 6]
+    assert strip_timing(resumed["curves"]["train"]) == strip_timing(full["train"])  # bit-for-bit on CPU
     assert resumed["curves"]["val"] == full["val"]
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, cache_dir):
+def strip_timing(points):
+    """A train curve without its wall-clock fields: loss, lr, grad norm and tokens must match exactly."""
+    return [{k: v for k, v in p.items() if k not in ("tokens_per_s", "mfu")} for p in points]
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_curve(tmp_path, cache_dir):
     run(["hydra.run.dir=warm", "train.max_steps=1"], tmp_path, cache_dir)  # data cached: the next start is fast
+    # a constant LR after warm-up (min_lr_ratio=1), so that the schedule does not depend on max_steps and the
+    # stopped run can be compared with an uninterrupted one of a different length
+    same = ["train.eval_every=0", "train.log_every=4", "train.min_lr_ratio=1.0"]
     cmd = [sys.executable, str(ROOT / "run.py"), *TINY, f"cache_dir={cache_dir}", "hydra.run.dir=run",
-           "train.max_steps=100000", "train.checkpoint_every=1000000", "train.eval_every=0"]
+           "train.max_steps=100000", "train.checkpoint_every=1000000", *same]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "WANDB_SILENT": "true"})
     deadline = time.time() + 120
@@ -85,10 +94,35 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, cache_dir):
     assert len(ckpts) == 1
     stopped_at = int(ckpts[0].stem.split("_")[1])
     assert stopped_at > 0
-    run(["hydra.run.dir=run", f"train.max_steps={stopped_at + 2}", "train.resume=true", "train.eval_every=0"],
-        tmp_path, cache_dir)
+    assert f"hydra.run.dir={tmp_path / 'run'}" in r["error"]["message"]  # how to resume it
+    run(["hydra.run.dir=run", f"train.max_steps={stopped_at + 6}", "train.resume=true", *same], tmp_path, cache_dir)
     r = results(tmp_path / "run")
-    assert r["status"] == "ok" and r["metrics"]["steps"] == stopped_at + 2
+    assert r["status"] == "ok" and r["metrics"]["steps"] == stopped_at + 6
+    run(["hydra.run.dir=straight", f"train.max_steps={stopped_at + 6}", *same], tmp_path, cache_dir)
+    assert strip_timing(r["curves"]["train"]) == strip_timing(results(tmp_path / "straight")["curves"]["train"])
+
+
+def test_sigterm_after_the_loop_records_interrupted_with_the_final_checkpoint(tmp_path, cache_dir):
+    """SIGTERM while the benchmark runs (after training): no traceback, `interrupted`, resumable."""
+    run(["hydra.run.dir=warm", "train.max_steps=1"], tmp_path, cache_dir)
+    cmd = [sys.executable, str(ROOT / "run.py"), *TINY, f"cache_dir={cache_dir}", "hydra.run.dir=run",
+           "train.max_steps=5", "train.checkpoint_every=3", "train.bench=true"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "WANDB_SILENT": "true"})
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if results(tmp_path / "run").get("metrics", {}).get("val_loss") is not None:
+                break  # trained and evaluated: the benchmark (seconds) is running
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    r = results(tmp_path / "run")
+    assert r["status"] == "interrupted" and r["metrics"]["steps"] == 5
+    assert "step_0000005.pt" in r["error"]["message"]  # the final weights were checkpointed before evaluation
 
 
 def test_non_finite_loss_stops_the_run_and_names_the_step(tmp_path, cache_dir):
@@ -159,3 +193,23 @@ def test_perplexity_counts_only_real_in_document_targets():
     assert got["tokens"] == n == 4 + 6 + 8
     assert got["loss"] == pytest.approx(nll / n, rel=1e-5)
     assert got["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_trains_with_a_hugging_face_tokenizer_sizing_the_model_from_it(tmp_path, cache_dir):
+    from test_generate import save_tiny_tokenizer
+    tok_dir = save_tiny_tokenizer(tmp_path / "tok")
+    from transformers import AutoTokenizer
+    n_tokens = len(AutoTokenizer.from_pretrained(tok_dir))
+    run(["hydra.run.dir=run", "tokenizer=hf", f"tokenizer.name_or_path={tok_dir}", "tokenizer.vocab_size=null",
+         "train.max_steps=2"], tmp_path, cache_dir)
+    r = results(tmp_path / "run")
+    assert r["status"] == "ok"
+    assert r["params"] - r["params_non_embedding"] == n_tokens * 32  # one embedding row per id (d_model=32)
+
+
+def test_a_checkpoint_without_its_tokenizer_is_refused_before_any_data(tmp_path, cache_dir):
+    out = run(["hydra.run.dir=run", "model=phi3", f"model.checkpoint={tmp_path / 'phi3'}",
+               f"cache_dir={tmp_path / 'empty'}"], tmp_path, cache_dir, check=False)
+    r = results(tmp_path / "run")
+    assert out.returncode != 0 and r["status"] == "failed" and "tokenizer=hf" in r["error"]["message"]
+    assert not (tmp_path / "empty").exists()
