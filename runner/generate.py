@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from runner.build import build_model, resolve_device
+from runner.build import build_model, check_model_config, resolve_device
 
 PAD_DOCUMENT, PROMPT_DOCUMENT = -1, 0
 
@@ -175,6 +175,7 @@ def load_model_and_tokenizer(cfg, device):
     tokenizer that goes with it. Returns (model, tokenizer, a line saying where the weights came from)."""
     from omegaconf import open_dict
 
+    check_model_config(cfg.model)  # a bad model config fails before a corpus or tokenizer is read
     checkpoint = cfg.model.get("checkpoint")
     weights = cfg.generate.get("weights")
     tokenizer = checkpoint_tokenizer(checkpoint) if checkpoint else None

@@ -157,6 +157,24 @@ def test_main_with_trained_weights_and_the_project_tokenizer(tmp_path, capsys):
     assert result["tokens"] == generate(trained, result["prompt_ids"], max_new_tokens=8, eos_token_id=result["eos_ids"])
 
 
+@pytest.mark.parametrize("task", ["generate", "inspect"])
+@pytest.mark.parametrize("tokenizer", [["tokenizer=bpe"], ["tokenizer=hf", "tokenizer.name_or_path=nobody/no-such-tok"]],
+                         ids=["bpe", "hf_vocab_size_null"])
+def test_a_bad_model_config_fails_before_any_data_is_read(tmp_path, monkeypatch, task, tokenizer):
+    import importlib
+
+    import runner.data
+    import runner.tokenizer
+
+    def read(*args, **kwargs):
+        raise AssertionError("a corpus or tokenizer was read before the model config was checked")
+    monkeypatch.setattr(runner.data, "build_data", read)  # the trained BPE's way in (it reads the corpus)
+    monkeypatch.setattr(runner.tokenizer, "hf_tokenizer", read)  # tokenizer=hf's
+    main = importlib.import_module(f"runner.{task}").main
+    with pytest.raises(ValueError, match=r"model\.n_heads=3 does not divide model\.d_model"):
+        main(compose([f"task={task}", "model.n_heads=3", f"cache_dir={tmp_path}", *tokenizer]))
+
+
 @pytest.fixture(scope="module")
 def hf_tokenizer_dir(tmp_path_factory):
     return save_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
