@@ -67,7 +67,7 @@ def test_command_line_swaps(overrides, check):
 @pytest.mark.parametrize("overrides, message", [
     (["model.n_heads=3"], "model.n_heads=3 does not divide model.d_model=128"),
     (["model.attention.n_kv_heads=3"], "model.attention.n_kv_heads=3 must divide model.n_heads=4"),
-    (["model.d_model=36"], "even, non-zero rotary dimension"),  # head_dim 9
+    (["model.d_model=36"], "rotary dimension, got 9 .*head size model.d_model / model.n_heads"),  # head_dim 9
     (["model.attention.window=0"], "window must be >= 1"),
     (["model.attention.kernel=cuda_magic"], "model.attention.kernel='cuda_magic'"),
     (["model.norm_position=middle"], "model.norm_position='middle'"),
@@ -81,7 +81,7 @@ def test_bad_configs_fail_before_allocation(overrides, message):
 
 def test_partial_rotary_must_leave_an_even_dimension():
     cfg = compose(["model=gqa_rope", *SMALL, "model.position.partial_rotary_factor=0.3"])  # 32 * 0.3 = 9.6 -> 9
-    with pytest.raises(ValueError, match="rotary"):
+    with pytest.raises(ValueError, match=r"got 9 = .*: change model\.position\.partial_rotary_factor=0\.3"):
         check_model_config(cfg.model)
 
 

@@ -117,8 +117,10 @@ class RoPE(nn.Module):
         self.rotary_dim = int(head_dim * partial_rotary_factor)
         if self.rotary_dim % 2 or self.rotary_dim == 0:
             raise ValueError(
-                f"RoPE needs an even, non-zero rotary dimension: head_dim={head_dim} x "
-                f"partial_rotary_factor={partial_rotary_factor} = {head_dim * partial_rotary_factor}")
+                f"RoPE needs an even, non-zero rotary dimension, got {self.rotary_dim} = int(head_dim {head_dim} x "
+                f"{partial_rotary_factor}): change model.position.partial_rotary_factor={partial_rotary_factor}, "
+                f"or the head size model.d_model / model.n_heads (d_model={d_model}, head_dim={head_dim}), "
+                f"or model.head_dim where it is set")
         self.theta, self.max_seq_len, self.scaling = theta, max_seq_len, scaling
         self._per_call = getattr(scaling, "needs_seq_len", False)
         if scaling is None:
