@@ -49,6 +49,16 @@ def latest_checkpoint(path) -> Path | None:
     return found[-1] if found else None
 
 
+def load_model_weights(model, path, device="cpu") -> Path:
+    """A training run's model weights (`path`: its directory, whose latest step_*.pt is read, or the file)
+    into `model`, which must be built from the same model config. Returns the file read."""
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"{str(path)!r}: no step_*.pt checkpoint there")
+    model.load_state_dict(torch.load(found, map_location=device, weights_only=False)["model"])
+    return found
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
