@@ -1,4 +1,4 @@
-"""The one entry point: `python run.py [task=train|bench|data|generate|inspect|compare] [overrides]`.
+"""The one entry point: `python run.py [task=train|eval|bench|data|generate|inspect|compare] [overrides]`.
 
 Each task lives in its own runner module with a `main(cfg)` function; this file only composes the
 config and dispatches, so that `python run.py --cfg job ...` prints a config without importing torch.
