@@ -11,6 +11,7 @@ measures, with warm-up, synchronisation and several repeats (median and spread, 
              checked against 2 x layers x kv_heads x head_dim x bytes
   kernels    eager vs SDPA vs FlexAttention on the same masks (runner/bench_kernels.py)
   reference  Phi-3 configurations against transformers' Phi3ForCausalLM (runner/bench_reference.py)
+  quality    task=bench: validation perplexity as task=eval measures it (bench.perplexity, runner/evaluate.py)
 A point that runs out of memory is recorded as {"status": "oom"} and the suite goes on.
 runner/BENCH.md documents every figure.
 """
@@ -27,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from runner.bench_kernels import kernel_points
 from runner.bench_reference import reference_comparison, wants_reference
 from runner.bench_timing import PeakMemory, free_memory, guarded, memory_kind, throughput, time_fn
-from runner.build import build_model, resolve_device
+from runner.build import resolve_device
 from runner.flops import device_memory_bandwidth, device_peak_flops, peak_source
 from runner.tracking import Results, is_oom, start_logger
 
@@ -181,7 +182,7 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
               on_update=None) -> dict:
     """Benchmark `model` as cfg.bench says; returns the `bench` section of results.json.
 
-    metrics: the evaluation's figures (val_ppl, val_loss), copied in so speed and quality sit in one row.
+    metrics: the evaluation's figures (val_ppl, val_loss, val_tokens), copied in so speed and quality sit in one row.
     train_step: optional callable running one training step of the caller's own; timed instead of ours.
     on_update: optional callable given the partial section after every part (to save progress).
     """
@@ -195,6 +196,7 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "profile": profile,
              "warmup": bc.warmup, "repeats": bc.repeats, "memory_kind": memory_kind(device),
              "params": model.num_params(), "val_ppl": metrics.get("val_ppl"), "val_loss": metrics.get("val_loss"),
+             "val_tokens": metrics.get("val_tokens"),
              "cpu_load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # others' work skews CPU timings
              "train": [], "prefill": [], "decode": [], "kernels": [], "reference": None}
     started = time.perf_counter()
@@ -316,18 +318,49 @@ def summarize_suite(bench: dict, model, seq_len: int, device) -> None:
 
 
 # -- task=bench ---------------------------------------------------------------------------------------------
+def wants_perplexity(cfg: DictConfig) -> tuple[bool, str | None]:
+    """bench.perplexity: true, false, or auto = weights worth scoring, a training run's (eval.weights) or a
+    checkpoint read with its own tokenizer (tokenizer=hf). Random weights score about the vocabulary size,
+    and leaving them out keeps the default benchmark free of the data build (seconds on a fresh clone)."""
+    setting = str(cfg.bench.get("perplexity", "auto")).lower()
+    if setting == "false":
+        return False, "bench.perplexity=false"
+    if setting == "true":
+        return True, None
+    if setting != "auto":
+        raise ValueError(f"bench.perplexity={setting!r} must be auto, true or false")
+    if cfg.model.get("checkpoint") and cfg.tokenizer.kind != "hf":
+        return False, "model.checkpoint without its tokenizer (add tokenizer=hf tokenizer.name_or_path=...)"
+    if cfg.model.get("checkpoint") or (cfg.get("eval") or {}).get("weights"):
+        return True, None
+    return False, "random weights: perplexity ~ vocabulary size (bench.perplexity=true measures it)"
+
+
 def main(cfg: DictConfig):
+    from runner.evaluate import check_eval_config, load_eval_model, model_and_perplexity
+
     results = Results(cfg, task="bench")  # first, so that no outcome goes unrecorded
     logger, status, error, bench = None, "failed", None, None
     try:
-        if cfg.model.get("vocab_size") is None:
-            raise ValueError("task=bench needs a vocabulary size: set tokenizer.vocab_size (or model.vocab_size)")
+        perplexity, skipped = wants_perplexity(cfg)
+        if perplexity:
+            check_eval_config(cfg)  # a checkpoint's tokenizer, before any work
+        elif cfg.model.get("vocab_size") is None and not cfg.model.get("checkpoint"):
+            raise ValueError("task=bench needs a vocabulary size: set tokenizer.vocab_size (or model.vocab_size), "
+                             "or bench.perplexity=true to take the tokenizer's")
         device = resolve_device(cfg.bench.get("device") or cfg.get("train", {}).get("device", "auto"))
-        torch.manual_seed(cfg.get("seed") or 0)
         logger = start_logger(cfg, results)
-        model = build_model(cfg.model, device)
-        results.update(params=model.num_params(), params_non_embedding=model.num_params(exclude_embeddings=True))
-        bench = run_suite(model, cfg, device, on_update=lambda partial: results.update(bench=partial))
+        metrics = {}
+        if perplexity:  # the same data, weights and loss as task=eval, on the first bench.eval_batches batches
+            model, metrics, data, source = model_and_perplexity(cfg, device, cfg.bench.get("eval_batches"))
+            results.update(data=data.stats, metrics=metrics)
+        else:
+            model, source = load_eval_model(cfg, device)
+        results.update(params=model.num_params(), params_non_embedding=model.num_params(exclude_embeddings=True),
+                       weights=source)
+        bench = run_suite(model, cfg, device, metrics, on_update=lambda partial: results.update(bench=partial))
+        bench["perplexity"] = ({"status": "ok", "batches": cfg.bench.get("eval_batches"), "weights": source}
+                               if perplexity else {"status": "skipped", "reason": skipped})
         results.update(bench=bench)
         status = "ok"
     except BaseException as err:
@@ -339,6 +372,7 @@ def main(cfg: DictConfig):
             for key in ("train", "prefill", "decode", "kernels"):
                 logger.log_table(f"bench/{key}", (bench or {}).get(key) or [])
             logger.summary({f"bench/{k}": v for k, v in (bench or {}).items() if isinstance(v, (int, float))})
+            logger.summary(results.data["metrics"])
             logger.finish(status)
     print_table(bench, results.path)
     return results.data
@@ -404,7 +438,10 @@ def print_table(bench: dict | None, path=None) -> None:
     elif ref:
         lines.append(f"  vs transformers: {ref.get('status')} ({ref.get('reason') or ref.get('error')})")
     if bench.get("val_ppl") is not None:
-        lines.append(f"  perplexity {bench['val_ppl']:.3f} (val loss {bench['val_loss']:.4f})")
+        tokens = f", {bench['val_tokens']:,} tokens" if bench.get("val_tokens") else ""
+        lines.append(f"  perplexity {bench['val_ppl']:.3f} (val loss {bench['val_loss']:.4f}{tokens})")
+    elif (bench.get("perplexity") or {}).get("status") == "skipped":
+        lines.append(f"  perplexity skipped: {bench['perplexity']['reason']}")
     if path:
         lines.append(f"  results    {path}")
     print("\n".join(lines))

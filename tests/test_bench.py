@@ -3,6 +3,7 @@ the arithmetic says, an out-of-memory point does not stop the suite, task=bench 
 our model is compared with transformers' Phi-3 on the same weights."""
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,8 +23,8 @@ FIELDS = ["train_tokens_per_s", "mfu", "prefill_tokens_per_s", "decode_tokens_pe
           "kv_cache_speedup", "kv_cache_bytes_per_token", "kv_cache_bytes_per_token_analytic",
           "kv_cache_matches_analytic", "peak_memory_bytes", "peak_memory", "memory_kind", "device", "dtype", "torch",
           "flops_per_token", "peak_flops", "weight_bytes", "decode_fraction_of_bandwidth_bound",
-          "decode_bandwidth_bound_tokens_per_s", "val_ppl", "val_loss", "train", "prefill", "decode", "kernels",
-          "reference"]
+          "decode_bandwidth_bound_tokens_per_s", "val_ppl", "val_loss", "val_tokens", "train", "prefill", "decode",
+          "kernels", "reference"]
 REFERENCE_FIELDS = ["forward_time_ratio", "prefill_speed_ratio", "decode_speed_ratio", "peak_memory_ratio",
                     "max_logit_diff", "logits_agree", "greedy_match_fraction"]
 # Small enough that a whole suite takes a second or two on a laptop CPU.
@@ -161,7 +162,62 @@ def test_bench_task_writes_results_json_with_every_field(tmp_path):
     for key in FIELDS:
         assert key in record["bench"], key
     assert record["bench"]["reference"]["status"] == "skipped"  # gqa_rope is not a Phi-3 preset
+    assert record["bench"]["perplexity"]["status"] == "skipped" and record["bench"]["val_ppl"] is None  # random
     assert "KV cache speed-up" in out.stdout and "attention kernels" in out.stdout  # the printed table
+    assert "perplexity skipped: random weights" in out.stdout
+
+
+# Perplexity through task=eval's path; only the cheap parts of the suite run.
+QUICK = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "data.seq_len=32", "data.max_documents=60",
+         "tokenizer.vocab_size=300", "train.batch_size=4", "logger=none", "bench.reference=false",
+         "bench.eval_batches=3", *[f"bench.run.{part}=false" for part in ("train", "prefill", "decode", "kernels")]]
+
+
+def test_bench_perplexity_of_a_training_checkpoint_is_task_evals(tmp_path, cache_dir, monkeypatch, capsys):
+    """bench.perplexity=auto is on for eval.weights, and scores what task=eval scores on as many batches."""
+    from runner.bench import main as bench_main
+    from runner.build import build_model
+    from runner.checkpoint import save_checkpoint
+    from runner.evaluate import main as eval_main
+    monkeypatch.chdir(tmp_path)  # results.json: the cwd outside Hydra
+    overrides = [*QUICK, "model.attention.n_kv_heads=1", f"cache_dir={cache_dir}", f"eval.weights={tmp_path}"]
+    torch.manual_seed(7)
+    save_checkpoint(tmp_path, 5, {"model": build_model(compose(overrides).model).state_dict()})
+    record = bench_main(compose(["task=bench", *overrides]))
+    bench = record["bench"]
+    assert record["status"] == "ok" and bench["perplexity"]["status"] == "ok"
+    assert bench["val_ppl"] == pytest.approx(math.exp(bench["val_loss"]), rel=1e-12)
+    assert bench["val_loss"] == record["metrics"]["val_loss"] and record["metrics"]["val_rows"] == 3 * 4
+    assert "perplexity" in capsys.readouterr().out
+    evaluated = eval_main(compose(["task=eval", *overrides, "eval.batches=3"]))["metrics"]
+    assert (bench["val_loss"], bench["val_tokens"]) == (evaluated["val_loss"], evaluated["val_tokens"])
+    assert record["weights"].endswith("step_0000005.pt")
+
+
+@pytest.mark.parametrize("preset", ["phi3", "gqa_rope"])
+def test_bench_perplexity_of_random_weights_on_request(preset, tmp_path, cache_dir, monkeypatch):
+    """bench.perplexity=true on random weights; model=phi3 takes its vocabulary from tokenizer.vocab_size."""
+    from runner.bench import main as bench_main
+    monkeypatch.chdir(tmp_path)
+    record = bench_main(compose(["task=bench", f"model={preset}", *QUICK, f"cache_dir={cache_dir}",
+                                 "bench.perplexity=true"]))
+    bench = record["bench"]
+    assert record["status"] == "ok" and bench["perplexity"]["status"] == "ok"
+    assert math.log(300) - 0.5 < bench["val_loss"] < math.log(300) + 1.0  # random weights: ~ uniform over 300 ids
+    assert bench["val_tokens"] > 0 and record["metrics"]["val_ppl"] == bench["val_ppl"]
+
+
+def test_bench_of_a_checkpoint_without_its_tokenizer(tmp_path, monkeypatch):
+    """auto skips perplexity (the benchmark itself needs no tokenizer); true refuses before any work."""
+    from runner.bench import main as bench_main, wants_perplexity
+    cfg = compose(["task=bench", "model=phi3", f"model.checkpoint={tmp_path / 'never-read'}", *QUICK])
+    run, reason = wants_perplexity(cfg)
+    assert not run and "tokenizer=hf" in reason
+    monkeypatch.chdir(tmp_path)
+    cfg.bench.perplexity = True
+    with pytest.raises(ValueError, match="tokenizer=hf"):
+        bench_main(cfg)
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
 
 
 @pytest.mark.skipif(not HAS_HF, reason="variants/hf.py (the Phi-3 mapping) has not landed yet")
