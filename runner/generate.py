@@ -193,11 +193,11 @@ def load_model_and_tokenizer(cfg, device):
                          f"{tokenizer.vocab_size} tokens")
     source = f"checkpoint {checkpoint}" if checkpoint else "random weights (no model.checkpoint)"
     if weights:
-        from runner.checkpoint import latest_checkpoint
-        path = latest_checkpoint(weights)
-        if path is None:
-            raise FileNotFoundError(f"generate.weights={weights!r}: no step_*.pt checkpoint there")
-        model.load_state_dict(torch.load(path, map_location=device, weights_only=False)["model"])
+        from runner.checkpoint import load_model_weights
+        try:
+            path = load_model_weights(model, weights, device)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"generate.weights={err}") from None
         source = f"training checkpoint {path}"
     return model.eval(), tokenizer, source
 
