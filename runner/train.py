@@ -215,8 +215,11 @@ def train(cfg: DictConfig, results: Results, logger, out_dir, dist: distributed.
     step, curves = 0, {"train": [], "val": []}
     # the steps since the last logged train point: checkpointed, so a resumed curve averages the same steps
     window = {"time": 0.0, "loss": 0.0, "steps": 0}
-    if t.resume:
-        resume_from = out_dir if t.resume is True else t.resume
+    resume = t.resume
+    if not resume and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        resume = True  # SLURM requeued this job (preemption, time limit): continue, whatever the launcher set
+    if resume:
+        resume_from = out_dir if resume is True else resume
         ckpt_path = distributed.broadcast(latest_checkpoint(resume_from) if dist.is_main else None, dist)
         if ckpt_path is None:
             if dist.is_main:

@@ -213,3 +213,10 @@ def test_a_checkpoint_without_its_tokenizer_is_refused_before_any_data(tmp_path,
     r = results(tmp_path / "run")
     assert out.returncode != 0 and r["status"] == "failed" and "tokenizer=hf" in r["error"]["message"]
     assert not (tmp_path / "empty").exists()
+
+
+def test_a_requeued_slurm_job_resumes_without_being_told(tmp_path, cache_dir):
+    run(["hydra.run.dir=run", "train.checkpoint_every=3", "train.max_steps=3"], tmp_path, cache_dir)
+    run(["hydra.run.dir=run", "train.checkpoint_every=3"], tmp_path, cache_dir, env={"SLURM_RESTART_COUNT": "1"})
+    r = results(tmp_path / "run")
+    assert r["status"] == "ok" and r["resumed_from"].endswith("step_0000003.pt") and r["metrics"]["steps"] == 6
