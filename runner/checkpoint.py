@@ -55,7 +55,13 @@ def load_model_weights(model, path, device="cpu") -> Path:
     found = latest_checkpoint(path)
     if found is None:
         raise FileNotFoundError(f"{str(path)!r}: no step_*.pt checkpoint there")
-    model.load_state_dict(torch.load(found, map_location=device, weights_only=False)["model"])
+    state = torch.load(found, map_location=device, weights_only=False)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:  # a size mismatch: the model config differs from the training run's
+        saved = " ".join(state.get("overrides") or []) or "(see the run's .hydra/overrides.yaml)"
+        raise RuntimeError(f"{found} does not fit this model config: use the training run's model, data and "
+                           f"tokenizer overrides: {saved}\n{err}") from None
     return found
 
 

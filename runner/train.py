@@ -10,6 +10,7 @@ share of each batch; rank 0 alone writes results.json, checkpoints, W&B and the 
 """
 import math
 import os
+import shlex
 import signal
 import time
 from contextlib import nullcontext
@@ -111,6 +112,23 @@ def check_train_config(cfg: DictConfig):
                          f"(or tokenizer=phi3)")
 
 
+def task_overrides() -> list[str]:
+    """This job's command-line overrides (empty outside a Hydra job)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 -- called outside a Hydra job
+        return []
+
+
+def resume_command(out_dir, overrides: list[str] | None = None) -> str:
+    """The command line that continues this run: its own overrides (a checkpoint fits only the model it was
+    saved from) with train.resume=true and the run's directory."""
+    overrides = task_overrides() if overrides is None else overrides
+    keep = [o for o in overrides if not o.lstrip("+~").startswith(("train.resume=", "hydra.run.dir="))]
+    return " ".join(["python run.py", *map(shlex.quote, keep), "train.resume=true", f"hydra.run.dir={out_dir}"])
+
+
 def _sigterm_raises_interrupted():
     """Make SIGTERM raise Interrupted (as Ctrl-C raises KeyboardInterrupt), so that a run stopped before or
     after its training loop still records `interrupted`; the loop installs its own, step-boundary handler."""
@@ -145,8 +163,7 @@ def main(cfg: DictConfig):
     except (Interrupted, KeyboardInterrupt) as err:
         status, stop = "interrupted", getattr(err, "stop", None)
         message = str(err) if stop else (f"{str(err) or 'Ctrl-C'}: stopped without a new checkpoint; latest: "
-                                         f"{latest_checkpoint(out_dir)}; resume with train.resume=true "
-                                         f"hydra.run.dir={out_dir}")
+                                         f"{latest_checkpoint(out_dir)}; resume with: {resume_command(out_dir)}")
         results.data["error"] = {"type": "Interrupted", "message": message}
         if is_main:
             print(f"\n{message}")
@@ -227,8 +244,12 @@ def train(cfg: DictConfig, results: Results, logger, out_dir, dist: distributed.
         else:
             # rank 0 reads the file; the weights and optimizer state reach the other ranks by broadcast
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if dist.is_main else {}
-            distributed.load_full_state_dicts(model, optimizer, ckpt.get("model", {}), ckpt.get("optimizer", {}),
-                                              dist)
+            try:
+                distributed.load_full_state_dicts(model, optimizer, ckpt.get("model", {}), ckpt.get("optimizer", {}),
+                                                  dist)
+            except RuntimeError as err:  # e.g. size mismatch: resumed without the run's own overrides
+                raise RuntimeError(f"{ckpt_path} does not fit this model config; resume with the overrides it was "
+                                   f"saved with: {resume_command(out_dir, ckpt.get('overrides', []))}\n{err}") from None
             ckpt = distributed.broadcast({k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}, dist)
             scheduler.load_state_dict(ckpt["scheduler"])
             for loader in loaders:
@@ -246,7 +267,7 @@ def train(cfg: DictConfig, results: Results, logger, out_dir, dist: distributed.
             return None
         state = {"model": model_state, "optimizer": optimizer_state,
                  "scheduler": scheduler.state_dict(), "loader": loaders[0].state_dict(), "rng": rng_state(),
-                 "step": step, "curves": curves, "log_window": dict(window)}
+                 "step": step, "curves": curves, "log_window": dict(window), "overrides": task_overrides()}
         return save_checkpoint(out_dir, step, state)
 
     def validate(max_batches):
@@ -272,7 +293,7 @@ def train(cfg: DictConfig, results: Results, logger, out_dir, dist: distributed.
             if stopping:
                 path = checkpoint()
                 raise Interrupted(f"{stop.received or 'a signal to another rank'} at step {step}: checkpoint {path}; "
-                                  f"resume with train.resume=true hydra.run.dir={out_dir}", stop)
+                                  f"resume with: {resume_command(out_dir)}", stop)
             started = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             for a, loader in enumerate(loaders):

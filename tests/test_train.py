@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -94,8 +95,13 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_curve(tmp_path
     assert len(ckpts) == 1
     stopped_at = int(ckpts[0].stem.split("_")[1])
     assert stopped_at > 0
-    assert f"hydra.run.dir={tmp_path / 'run'}" in r["error"]["message"]  # how to resume it
-    run(["hydra.run.dir=run", f"train.max_steps={stopped_at + 6}", "train.resume=true", *same], tmp_path, cache_dir)
+    # the printed command resumes it as it is (the run's own overrides, train.resume=true, its directory)
+    printed = shlex.split(r["error"]["message"].split("resume with: ")[1])
+    assert printed[:2] == ["python", "run.py"] and printed[-1] == f"hydra.run.dir={tmp_path / 'run'}"
+    resumed = subprocess.run([sys.executable, str(ROOT / "run.py"), *printed[2:], f"train.max_steps={stopped_at + 6}"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "WANDB_SILENT": "true"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     r = results(tmp_path / "run")
     assert r["status"] == "ok" and r["metrics"]["steps"] == stopped_at + 6
     run(["hydra.run.dir=straight", f"train.max_steps={stopped_at + 6}", *same], tmp_path, cache_dir)
@@ -220,3 +226,11 @@ def test_a_requeued_slurm_job_resumes_without_being_told(tmp_path, cache_dir):
     run(["hydra.run.dir=run", "train.checkpoint_every=3"], tmp_path, cache_dir, env={"SLURM_RESTART_COUNT": "1"})
     r = results(tmp_path / "run")
     assert r["status"] == "ok" and r["resumed_from"].endswith("step_0000003.pt") and r["metrics"]["steps"] == 6
+
+
+def test_resuming_with_another_model_config_says_which_overrides_to_use(tmp_path, cache_dir):
+    run(["hydra.run.dir=run", "train.checkpoint_every=3", "model.d_model=48"], tmp_path, cache_dir)
+    out = run(["hydra.run.dir=run", "train.resume=true"], tmp_path, cache_dir, check=False)
+    assert out.returncode != 0
+    message = results(tmp_path / "run")["error"]["message"]
+    assert "does not fit this model config" in message and "model.d_model=48" in message
