@@ -61,7 +61,7 @@ def variant_fields(cfg: DictConfig) -> dict:
         "position": choices.get("model/position") or target(m.get("position")),
         "attention": choices.get("model/attention") or target(attn),
         "n_heads": m.get("n_heads"),
-        "n_kv_heads": attn.get("n_kv_heads"),
+        "n_kv_heads": attn.get("n_kv_heads") or m.get("n_heads"),  # null: MHA
         "kernel": attn.get("kernel"),
         "window": attn.get("window"),
         "attention_schedule": None if schedule is None else [

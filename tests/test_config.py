@@ -21,7 +21,7 @@ def analytic_params(cfg) -> int:
     m = cfg.model
     d, L, H, V = m.d_model, m.n_layers, m.n_heads, m.vocab_size
     hd = m.head_dim or d // H
-    kv = m.attention.n_kv_heads
+    kv = m.attention.n_kv_heads or m.n_heads  # null: MHA
     norm = {"RMSNorm": d, "LayerNorm": 2 * d}[m.norm._target_.rsplit(".", 1)[-1]]
     if m.ffn._target_.endswith("GatedMLP"):
         h = m.ffn.hidden_dim or -(-int(8 * d / 3) // m.ffn.multiple_of) * m.ffn.multiple_of

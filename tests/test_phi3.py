@@ -282,6 +282,14 @@ def test_config_overrides_follow_the_documented_rule(tmp_path):
         build_model(compose(base + ["model.n_heads=16", "model.attention.n_kv_heads=8"]).model)
 
 
+def test_any_explicit_n_kv_heads_pools_even_when_it_equals_the_presets_n_heads(tmp_path):
+    path, _ = save_phi3(tmp_path, num_attention_heads=8)  # MHA: 8 key/value heads; the preset has n_heads=4
+    base = ["model=phi3", f"model.checkpoint={path}", "tokenizer.vocab_size=97", "data.seq_len=32"]
+    assert build_model(compose(base).model).n_kv_heads == 8  # the MHA default: the checkpoint's own
+    assert build_model(compose(base + ["model/attention=mha"]).model).n_kv_heads == 8
+    assert build_model(compose(base + ["model.attention.n_kv_heads=4"]).model).n_kv_heads == 4
+
+
 def test_random_init_from_the_same_preset():
     cfg = compose(["model=phi3", "tokenizer.vocab_size=97", "data.seq_len=32", "model/attention=gqa"])
     model = build_model(cfg.model)

@@ -395,8 +395,8 @@ def build_phi3(checkpoint=None, dtype=None, **model_kwargs) -> TransformerLM:
     With a checkpoint its config.json decides the architecture and the preset's sizes are ignored; only
     these keys change what is loaded (see conf/model/phi3.yaml):
       attention.kernel      always used;
-      attention.n_kv_heads  equal to n_heads (the presets' MHA default) = the checkpoint's own; a smaller
-                            number = mean-pool its key/value heads down to that many;
+      attention.n_kv_heads  None (the MHA default) = the checkpoint's own; a number = mean-pool its key/value
+                            heads down to that many;
       attention.window      null = the checkpoint's sliding_window; a number replaces it;
       attention_schedule    null = none; a list of mask patterns replaces the sliding window;
       dtype                 null = float32.
@@ -411,9 +411,9 @@ def build_phi3(checkpoint=None, dtype=None, **model_kwargs) -> TransformerLM:
     if attn is not None and getattr(attn, "func", attn) is not Attention:
         raise ValueError(f"a checkpoint loads into variants.Attention, not {attn!r}")
     n_kv = options.get("n_kv_heads")
-    return from_hf(checkpoint, n_kv_heads=None if n_kv in (None, model_kwargs.get("n_heads")) else n_kv,
-                   window=options.get("window"), attention_schedule=model_kwargs.get("attention_schedule"),
-                   kernel=options.get("kernel", "sdpa"), dtype=dtype)
+    return from_hf(checkpoint, n_kv_heads=n_kv, window=options.get("window"),
+                   attention_schedule=model_kwargs.get("attention_schedule"), kernel=options.get("kernel", "sdpa"),
+                   dtype=dtype)
 
 
 def build_from_checkpoint(checkpoint, model_cfg: dict) -> TransformerLM:
