@@ -41,13 +41,18 @@ def evaluate(model, batches, device, autocast_dtype=None) -> dict:
 
 
 # -- the model and data of an evaluation (task=eval, task=bench) -------------------------------------------
-def check_eval_config(cfg: DictConfig) -> None:
-    """The checks that need no data or weights, so that a bad request fails before any work."""
+def require_checkpoint_tokenizer(cfg: DictConfig) -> None:
+    """Weights from a checkpoint read the ids of the tokenizer they were trained with (train, eval, bench)."""
     checkpoint = cfg.model.get("checkpoint")
     if checkpoint and cfg.tokenizer.kind != "hf":
         raise ValueError(f"model.checkpoint={checkpoint!r} needs the tokenizer its weights were trained with: a fresh "
                          f"BPE's ids mean nothing to it; add tokenizer=hf tokenizer.name_or_path={checkpoint} "
                          f"(or tokenizer=phi3)")
+
+
+def check_eval_config(cfg: DictConfig) -> None:
+    """The checks that need no data or weights, so that a bad request fails before any work."""
+    require_checkpoint_tokenizer(cfg)
     check_model_config(cfg.model)
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from runner import distributed
 from runner.build import build_model, check_model_config
 from runner.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
-from runner.evaluate import evaluate
+from runner.evaluate import evaluate, require_checkpoint_tokenizer
 from runner.tracking import Results, is_oom, output_dir, start_logger
 
 
@@ -106,10 +106,7 @@ def check_train_config(cfg: DictConfig):
                          f"WORLD_SIZE={world_size} x train.grad_accum={t.grad_accum}")
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
-    if cfg.model.get("checkpoint") and cfg.tokenizer.kind != "hf":
-        raise ValueError(f"model.checkpoint={cfg.model.checkpoint!r} needs the tokenizer its weights were trained "
-                         f"with, not a fresh BPE: add tokenizer=hf tokenizer.name_or_path={cfg.model.checkpoint} "
-                         f"(or tokenizer=phi3)")
+    require_checkpoint_tokenizer(cfg)
 
 
 def task_overrides() -> list[str]:
