@@ -17,7 +17,7 @@ TASKS = {
     "data": "runner.data",
     "generate": "runner.generate",
     "inspect": "runner.inspect",
-    "compare": "runner.compare",
+    "compare": "runner.report",
 }
 
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 MODES = ("none", "ddp", "fsdp")
@@ -197,6 +196,7 @@ def evaluate_sharded(model: nn.Module, split, batch_size: int, max_batches: int 
     taking every world_size-th row; (nll sum, target count) is summed over ranks, so the result equals the
     single-process one up to summation order. Every rank runs the same number of forward passes (FSDP
     all-gathers in each): a rank whose share is shorter runs its first batch again with no targets."""
+    from runner.compute import IGNORE, batch_loss
     from runner.data import iter_eval_batches
     local = max(1, batch_size // d.world_size)
     batches = list(iter_eval_batches(split, local, max_batches, rank=d.rank, world_size=d.world_size))
@@ -209,12 +209,8 @@ def evaluate_sharded(model: nn.Module, split, batch_size: int, max_batches: int 
         batches += [{**row, "labels": torch.full_like(row["labels"], -100)}] * (n_max - len(batches))
     for batch in batches:
         batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(d.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"])
-        labels = batch["labels"]
-        totals[0] += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                     reduction="sum").double()
-        totals[1] += (labels != -100).sum()
+        totals[0] += batch_loss(model, batch, reduction="sum", dtype=autocast_dtype).double()
+        totals[1] += (batch["labels"] != IGNORE).sum()
     model.train(was_training)
     nll, tokens = all_reduce_sum(totals, d).tolist()
     if tokens == 0:

@@ -12,11 +12,12 @@ row holds the speed and the quality of one model.
 import math
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, open_dict
 
-from runner.build import build_model, check_model_config, resolve_device
+from runner.build import build_model, check_model_config, record_model, resolve_device
 from runner.checkpoint import load_model_weights
+from runner.compute import IGNORE, autocast_dtype, batch_loss
+from runner.task import task_run
 
 
 @torch.no_grad()
@@ -27,12 +28,8 @@ def evaluate(model, batches, device, autocast_dtype=None) -> dict:
     nll, tokens = 0.0, 0
     for batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"])
-        labels = batch["labels"]
-        nll += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                               reduction="sum").item()
-        tokens += int((labels != -100).sum())
+        nll += batch_loss(model, batch, reduction="sum", dtype=autocast_dtype).item()
+        tokens += int((batch["labels"] != IGNORE).sum())
     model.train(was_training)
     if tokens == 0:
         raise ValueError("validation split has no real targets: is the corpus too small for data.seq_len?")
@@ -77,19 +74,14 @@ def load_eval_model(cfg: DictConfig, device, tokenizer_vocab_size: int | None = 
     return model.eval(), source
 
 
-def autocast_dtype(cfg: DictConfig, device: torch.device):
-    """bf16 autocast over fp32 weights on CUDA (train.dtype=auto) or when asked: as the training loop evaluates."""
-    dtype = (cfg.get("train") or {}).get("dtype", "auto")
-    return torch.bfloat16 if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda") else None
-
-
 def validation_perplexity(model, data, cfg: DictConfig, device, max_batches: int | None) -> dict:
     """The `metrics` of a record: loss and perplexity over the first max_batches validation batches (None: all)."""
     seq_len = cfg.data.seq_len
     if seq_len > model.max_seq_len:
         raise ValueError(f"data.seq_len={seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
     batch_size = (cfg.get("eval") or {}).get("batch_size") or cfg.train.batch_size
-    m = evaluate(model, data.val_batches(batch_size, max_batches), device, autocast_dtype(cfg, device))
+    dtype = autocast_dtype((cfg.get("train") or {}).get("dtype"), device, next(model.parameters()).dtype)
+    m = evaluate(model, data.val_batches(batch_size, max_batches), device, dtype)  # as the training loop evaluates
     rows = len(data.val) if max_batches is None else min(len(data.val), max_batches * batch_size)
     return {"val_loss": m["loss"], "val_ppl": m["ppl"], "val_tokens": m["tokens"], "val_rows": rows,
             "val_batch_size": batch_size}
@@ -107,29 +99,15 @@ def model_and_perplexity(cfg: DictConfig, device, max_batches: int | None):
 
 # -- task=eval ------------------------------------------------------------------------------------------------
 def main(cfg: DictConfig):
-    from runner.tracking import Results, is_oom, start_logger
-
-    results = Results(cfg, task="eval")  # first, so that no outcome goes unrecorded
-    logger, status, error = None, "failed", None
-    try:
+    with task_run(cfg, "eval", print_summary=print_summary) as run:
         check_eval_config(cfg)  # before the logger, the data and the weights
         e = cfg.eval
         device = resolve_device(e.get("device") or cfg.train.get("device", "auto"))
-        logger = start_logger(cfg, results)
+        run.start_logger()
         model, metrics, data, source = model_and_perplexity(cfg, device, e.get("batches"))
-        results.update(data=data.stats, params=model.num_params(),
-                       params_non_embedding=model.num_params(exclude_embeddings=True), weights=source, metrics=metrics)
-        status = "ok"
-    except BaseException as err:
-        status, error = ("oom" if is_oom(err) else "failed"), err
-        raise
-    finally:
-        results.finish(status, error)
-        if logger is not None:
-            logger.summary({"status": status, **results.data["metrics"]})  # the names a training run's has
-            logger.finish(status)
-        print_summary(results.data)
-    return results.data
+        record_model(run.results, model)
+        run.results.update(data=data.stats, weights=source, metrics=metrics)
+    return run.results.data
 
 
 def print_summary(record: dict) -> None:

@@ -43,15 +43,6 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None, top_
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-def _long_rope_switch(model) -> int | None:
-    """LongRoPE changes every position's frequencies once a sequence outgrows the pre-training context: keys
-    cached before that point are stale (transformers' Phi-3 drops its cache there too)."""
-    scaling = getattr(getattr(model, "position", None), "scaling", None)
-    if not getattr(scaling, "needs_seq_len", False):
-        return None
-    return scaling.original_max_position_embeddings
-
-
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, eos_token_id=None, use_cache: bool = True,
@@ -82,7 +73,7 @@ def generate(model, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
         generator = torch.Generator(device=device).manual_seed(int(seed))
 
     cache = model.allocate_cache(B, P + max_new_tokens) if use_cache else None
-    switch = _long_rope_switch(model)
+    switch = model.reencode_at  # e.g. LongRoPE past its original context: cached keys go stale there
     longest = max(len(p) for p in prompts)  # the largest position + 1 in this call decides LongRoPE's factors
     long_mode = switch is not None and longest > switch
     logits = model(ids, document_ids=docs, cache=cache)[:, -1]  # (B, V)
@@ -99,7 +90,7 @@ def generate(model, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
         docs = torch.cat([docs, torch.full((B, 1), PROMPT_DOCUMENT, dtype=torch.long, device=device)], dim=1)
         crossing = switch is not None and not long_mode and longest + step + 1 > switch
         if cache is None or crossing:
-            if cache is not None:  # LongRoPE switched to its long factors: re-encode everything once
+            if cache is not None:  # the position encoding changed (LongRoPE's long factors): re-encode once
                 cache.reset()
                 long_mode = True
             logits = model(ids, document_ids=docs, cache=cache)[:, -1]
@@ -135,7 +126,7 @@ class PromptTokenizer:
 
     @classmethod
     def from_project(cls, tok, name: str):
-        """runner.tokenizer's Tokenizer (the trained BPE or tokenizer.kind=hf)."""
+        """runner.data.tokenizer's Tokenizer (the trained BPE or tokenizer.kind=hf)."""
         return cls(tok.encode, tok.decode, [tok.eot_id], name, tok.vocab_size)
 
 
@@ -164,7 +155,7 @@ def checkpoint_tokenizer(checkpoint) -> PromptTokenizer | None:
 def project_tokenizer(cfg) -> PromptTokenizer:
     """tokenizer.kind=hf loads by name; the trained BPE needs the corpus it was trained on (cached after once)."""
     if cfg.tokenizer.kind == "hf":
-        from runner.tokenizer import hf_tokenizer
+        from runner.data.tokenizer import hf_tokenizer
         return PromptTokenizer.from_project(hf_tokenizer(cfg.tokenizer), cfg.tokenizer.name_or_path)
     from runner.data import build_data
     return PromptTokenizer.from_project(build_data(cfg).tokenizer, f"{cfg.tokenizer.kind} ({cfg.data.name})")

@@ -10,6 +10,7 @@ against the bytes of a cache actually allocated. Writes the same as inspect.json
 import torch
 
 from runner.build import resolve_device
+from runner.formatting import dtype_name, format_bytes
 from runner.generate import load_model_and_tokenizer
 
 FULL_CONTEXT_ALLOCATION_LIMIT = 1 << 30  # allocate a real full-context cache only below 1 GiB
@@ -51,7 +52,7 @@ def hidden_shapes(model, input_ids) -> tuple[list[dict], torch.Tensor]:
                          "note": note})
         return hook
 
-    attn = model.blocks[0].attn
+    attn = model.attention_modules()[0]
     targets = [("embed", model.embed, ""),
                ("block 0 q_proj", attn.q_proj, f"{attn.n_heads} heads x head_dim {attn.head_dim}"),
                ("block 0 k_proj", attn.k_proj, f"{attn.n_kv_heads} KV heads x head_dim {attn.head_dim}"),
@@ -77,7 +78,7 @@ def kv_cache_report(model, prompt_len: int, dtype=None) -> dict:
     full = per_token * model.max_seq_len
     small = model.allocate_cache(1, prompt_len, dtype=dtype)
     report = {
-        "dtype": str(dtype).removeprefix("torch."), "bytes_per_element": item, "n_layers": L, "n_kv_heads": kv,
+        "dtype": dtype_name(dtype), "bytes_per_element": item, "n_layers": L, "n_kv_heads": kv,
         "n_heads": H, "head_dim": hd, "bytes_per_token": per_token,
         "model_bytes_per_token": model.kv_cache_bytes_per_token(dtype),
         "max_seq_len": model.max_seq_len, "bytes_full_context": full,
@@ -101,11 +102,11 @@ def inspect_model(model, prompt_ids: list[int], decode=None, top: int = 10) -> d
     shapes, logits = hidden_shapes(model, input_ids)
     probs = logits[0, -1].float().softmax(-1)
     p, ids = probs.topk(min(top, probs.numel()))
-    attn = model.blocks[0].attn
+    attn = model.attention_modules()[0]
     return {
         "summary": {"n_layers": model.n_layers, "d_model": model.d_model, "n_heads": model.n_heads,
                     "n_kv_heads": model.n_kv_heads, "head_dim": model.head_dim, "vocab_size": model.vocab_size,
-                    "max_seq_len": model.max_seq_len, "dtype": str(model.embed.weight.dtype).removeprefix("torch."),
+                    "max_seq_len": model.max_seq_len, "dtype": dtype_name(model.embed.weight.dtype),
                     "kernel": attn.kernel, "mask": repr(attn.pattern)},
         "tree": str(model),
         "parameters": parameter_counts(model),
@@ -114,13 +115,6 @@ def inspect_model(model, prompt_ids: list[int], decode=None, top: int = 10) -> d
         "next_token": [{"id": int(i), "text": decode([int(i)]), "prob": float(q)} for q, i in zip(p, ids)],
         "kv_cache": kv_cache_report(model, len(prompt_ids)),
     }
-
-
-def _bytes(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:,} bytes" if unit == "bytes" else f"{n:,.1f} {unit}"
-        n /= 1024
 
 
 def format_report(r: dict, source: str = "", prompt: str = "") -> str:
@@ -160,9 +154,9 @@ def format_report(r: dict, source: str = "", prompt: str = "") -> str:
     mha = kv["mha_bytes_per_token"]
     out += ["", "== KV cache ==",
             f"per token: 2 (K, V) x {kv['n_layers']} layers x {kv['n_kv_heads']} KV heads x head_dim "
-            f"{kv['head_dim']} x {kv['bytes_per_element']} bytes ({kv['dtype']}) = {_bytes(kv['bytes_per_token'])}",
-            f"at full context ({kv['max_seq_len']:,} tokens): {_bytes(kv['bytes_full_context'])} per sequence",
-            f"vs MHA ({kv['n_heads']} KV heads): {_bytes(mha)} per token, {mha / kv['bytes_per_token']:.1f}x this"]
+            f"{kv['head_dim']} x {kv['bytes_per_element']} bytes ({kv['dtype']}) = {format_bytes(kv['bytes_per_token'])}",
+            f"at full context ({kv['max_seq_len']:,} tokens): {format_bytes(kv['bytes_full_context'])} per sequence",
+            f"vs MHA ({kv['n_heads']} KV heads): {format_bytes(mha)} per token, {mha / kv['bytes_per_token']:.1f}x this"]
     for key, label in (("allocated_prompt", "prompt"), ("allocated_full", "full context")):
         if key in kv:
             a = kv[key]
@@ -170,7 +164,7 @@ def format_report(r: dict, source: str = "", prompt: str = "") -> str:
             out.append(f"allocated cache for the {label} ({a['tokens']:,} tokens): {a['nbytes']:,} bytes, "
                        f"{ok} {a['expected']:,}")
     if "allocated_full" not in kv:
-        out.append(f"(full context not allocated: over {_bytes(FULL_CONTEXT_ALLOCATION_LIMIT)})")
+        out.append(f"(full context not allocated: over {format_bytes(FULL_CONTEXT_ALLOCATION_LIMIT)})")
     return "\n".join(line for line in out if line is not None) + "\n"
 
 

@@ -41,6 +41,13 @@ def _jsonable(x):
     return str(x)
 
 
+# The variant fields of a run, in the order a comparison labels runs by (earlier fields name a run first).
+FAMILIES = ("preset", "norm", "norm_position", "ffn", "position", "attention", "n_heads", "n_kv_heads",
+            "kernel", "window", "attention_schedule", "d_model", "n_layers", "seq_len")
+# The part choices among them: W&B tags and the printed summary name a run by these.
+PART_FAMILIES = ("preset", "norm_position", "norm", "ffn", "position", "attention", "kernel")
+
+
 def variant_fields(cfg: DictConfig) -> dict:
     """The variant choices as flat fields, the columns a comparison groups by."""
     choices = {}
@@ -149,10 +156,15 @@ def sweep_group(cfg: DictConfig) -> str | None:
         from hydra.types import RunMode
         hc = HydraConfig.get()
         if hc.mode == RunMode.MULTIRUN:
-            return "sweep-" + "_".join(Path(hc.sweep.dir).parts[-2:])
+            return sweep_group_name(hc.sweep.dir)
     except Exception:
         pass
     return None
+
+
+def sweep_group_name(sweep_dir) -> str:
+    """A multirun's name in W&B and in the compare report: its directory's date and time."""
+    return "sweep-" + "_".join(Path(sweep_dir).parts[-2:])
 
 
 class WandbLogger:
@@ -167,8 +179,7 @@ class WandbLogger:
             has_key = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb_key()
             mode = "online" if has_key and os.environ.get("WANDB_MODE") != "offline" else "offline"
         variant = results.data["variant"]
-        tags = [f"{k}={v}" for k, v in variant.items()
-                if k in ("preset", "norm", "norm_position", "ffn", "position", "attention", "kernel") and v]
+        tags = [f"{k}={variant[k]}" for k in PART_FAMILIES if variant.get(k)]
         tags += list(lc.get("tags", []) or [])
         run_dir = Path(lc.get("dir") or results.path.parent)
         kwargs = dict(project=lc.project, entity=lc.get("entity"), group=sweep_group(cfg),

@@ -13,12 +13,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import runner.bench as bench_module
+import runner.bench.suite as bench_module
 from conftest import CONF, ROOT, compose, tiny_model
 from runner.bench import kv_cache_size, run_suite
-from runner.bench_timing import guarded, time_fn
+from runner.bench.timing import guarded, time_fn
 
-# The bench section's stable names (runner/BENCH.md documents each; other tools read them).
+# The bench section's stable names (runner/bench/BENCH.md documents each; other tools read them).
 FIELDS = ["train_tokens_per_s", "mfu", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_tokens_per_s_no_cache",
           "kv_cache_speedup", "kv_cache_bytes_per_token", "kv_cache_bytes_per_token_analytic",
           "kv_cache_matches_analytic", "peak_memory_bytes", "peak_memory", "memory_kind", "device", "dtype", "torch",
@@ -136,12 +136,12 @@ def test_timing_excludes_setup_and_reports_the_spread():
 
 def test_device_peaks_are_null_on_cpu():
     from runner.bench import device_peak_flops
-    from runner.flops import device_memory_bandwidth
+    from runner.bench.flops import device_memory_bandwidth
     assert device_peak_flops("cpu") is None and device_memory_bandwidth("cpu") is None
 
 
 def test_every_field_is_documented():
-    doc = (ROOT / "runner" / "BENCH.md").read_text()
+    doc = (ROOT / "runner" / "bench" / "BENCH.md").read_text()
     for key in FIELDS + REFERENCE_FIELDS:
         assert f"`{key}`" in doc, key
 

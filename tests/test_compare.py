@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from runner import compare
-from runner.compare import build_report, effects, gather, mean_interval, pareto_front, t_quantile, write_report
+from runner import report as compare
+from runner.report import build_report, effects, gather, mean_interval, pareto_front, t_quantile, write_report
 
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=4", "train.max_steps=3", "train.batch_size=4",
         "train.eval_every=3", "train.eval_batches=1", "train.log_every=1", "train.warmup_steps=1",
@@ -43,6 +43,7 @@ def write_results(run_dir, attention="gqa", n_kv_heads=2, ffn="swiglu", seed=0, 
     curve = [{"step": s, "tokens": 128 * s, "loss": math.log(val_ppl) + 2.0 / s, "lr": 1e-3} for s in range(1, 11)]
     record = {
         "status": status, "task": "train", "params": 50_000,
+        "kv_cache_bytes_per_token": 2 * 2 * n_kv_heads * 8 * 4,  # the model's count, recorded once it is built
         "variant": {"preset": "gqa_rope", "norm": "rmsnorm", "norm_position": "pre", "ffn": ffn, "position": "rope",
                     "attention": attention, "n_heads": 4, "n_kv_heads": n_kv_heads, "kernel": "sdpa",
                     "window": 16 if attention == "sliding" else None, "attention_schedule": None, "d_model": 32,
@@ -289,7 +290,7 @@ def fake_wandb(monkeypatch):
 
 def test_wandb_workspace_panels(sweep, tmp_path, fake_wandb, monkeypatch):
     import wandb_workspaces.reports.v2 as wr
-    from runner import wandb_workspace
+    from runner.report import wandb_workspace
     from conftest import compose
 
     cfg = compose(["task=compare", f"compare.dirs=[{tmp_path / 'outputs'}]", f"compare.out={tmp_path / 'r'}",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.compare import build_report, gather, write_report
+from runner.report import build_report, gather, write_report
 from test_compare import fixture_sweep, real_runs  # noqa: F401  (real_runs is a session fixture)
 
 CHROMIUM = os.environ.get("CHROMIUM") or next(

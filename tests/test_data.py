@@ -12,9 +12,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import CONF, ROOT, compose
-from runner.corpus import load_corpus, wikitext_articles
+from runner.data.corpus import load_corpus, wikitext_articles
 from runner.data import BatchLoader, build_data, iter_eval_batches, main
-from runner.packing import PackedSplit, pack
+from runner.data.packing import PackedSplit, pack
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
          "def return import class lambda yield None True False ( ) [ ] { } : , . = + - * / \n \t").split(" ")
@@ -301,7 +301,7 @@ def test_hub_datasets_fail_offline_with_a_clear_message(tmp_path):
     # A real offline call, in a subprocess because `datasets` reads HF_*_OFFLINE when it is imported.
     script = textwrap.dedent("""
         from omegaconf import OmegaConf
-        from runner.corpus import load_corpus
+        from runner.data.corpus import load_corpus
         for name in ("tinystories", "wikitext103", "fineweb_edu"):
             cfg = OmegaConf.load(f"conf/data/{name}.yaml")
             try:
@@ -310,7 +310,7 @@ def test_hub_datasets_fail_offline_with_a_clear_message(tmp_path):
                 print(name, "|", err)
             else:
                 print(name, "| loaded?!")
-        from runner.tokenizer import hf_tokenizer
+        from runner.data.tokenizer import hf_tokenizer
         try:
             hf_tokenizer(OmegaConf.load("conf/tokenizer/phi3.yaml"))
         except RuntimeError as err:

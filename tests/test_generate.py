@@ -164,12 +164,12 @@ def test_a_bad_model_config_fails_before_any_data_is_read(tmp_path, monkeypatch,
     import importlib
 
     import runner.data
-    import runner.tokenizer
+    import runner.data.tokenizer
 
     def read(*args, **kwargs):
         raise AssertionError("a corpus or tokenizer was read before the model config was checked")
     monkeypatch.setattr(runner.data, "build_data", read)  # the trained BPE's way in (it reads the corpus)
-    monkeypatch.setattr(runner.tokenizer, "hf_tokenizer", read)  # tokenizer=hf's
+    monkeypatch.setattr(runner.data.tokenizer, "hf_tokenizer", read)  # tokenizer=hf's
     main = importlib.import_module(f"runner.{task}").main
     with pytest.raises(ValueError, match=r"model\.n_heads=3 does not divide model\.d_model"):
         main(compose([f"task={task}", "model.n_heads=3", f"cache_dir={tmp_path}", *tokenizer]))

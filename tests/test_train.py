@@ -131,9 +131,22 @@ def test_sigterm_after_the_loop_records_interrupted_with_the_final_checkpoint(tm
     assert "step_0000005.pt" in r["error"]["message"]  # the final weights were checkpointed before evaluation
 
 
-def test_non_finite_loss_stops_the_run_and_names_the_step(tmp_path, cache_dir):
-    out = run(["hydra.run.dir=run", "train.fail_at_step=2"], tmp_path, cache_dir, check=False)
-    assert out.returncode != 0
+def test_non_finite_loss_stops_the_run_and_names_the_step(tmp_path, cache_dir, monkeypatch):
+    """A divergence injected from here, at a known step: the loss of the second step is NaN."""
+    import runner.train as train_module
+    from conftest import compose
+    real, calls = train_module.batch_loss, []
+
+    def diverging(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(train_module, "batch_loss", diverging)
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")  # results.json: the cwd outside Hydra
+    with pytest.raises(FloatingPointError):  # the run stops with an error (a non-zero exit under run.py)
+        train_module.main(compose([*TINY, f"cache_dir={cache_dir}"]))
     r = results(tmp_path / "run")
     assert r["status"] == "failed"
     assert r["error"]["type"] == "FloatingPointError" and "at step 2" in r["error"]["message"]

@@ -19,7 +19,6 @@ from torch import nn
 from .attention import Attention
 from .ffn import ACTIVATIONS, GatedMLP
 from .masks import Causal, SlidingWindow
-from .model import TransformerLM
 from .position import LongRoPEScaling, RoPE
 
 # Phi-3 tensor name -> our parameter name(s); "{}" is the layer index. A tuple means Phi-3 fuses those
@@ -191,8 +190,9 @@ def phi3_to_ours(tensors: dict, shapes: dict, n_layers: int, tied: bool) -> dict
 
 
 def from_hf(path_or_id, n_kv_heads: int | None = None, window: int | None = None, attention_schedule=None,
-            kernel: str = "sdpa", dtype=None, revision: str | None = None, model_cls=TransformerLM) -> TransformerLM:
-    """Load a Phi-3 checkpoint (a local directory or a Hub id) into our model, in eval mode.
+            kernel: str = "sdpa", dtype=None, revision: str | None = None, *, model_cls) -> nn.Module:
+    """Load a Phi-3 checkpoint (a local directory or a Hub id) into `model_cls` (TransformerLM, whose
+    `from_hf` calls this), in eval mode.
 
     n_kv_heads: fewer key/value heads than the checkpoint has: mean-pool them per group (mean_pool_kv_heads).
     window / attention_schedule: a sliding window or per-layer mask patterns the checkpoint was not trained
@@ -209,7 +209,7 @@ def from_hf(path_or_id, n_kv_heads: int | None = None, window: int | None = None
     model.load_state_dict(state, strict=True, assign=True)
     if model.tie_embeddings:
         model.lm_head.weight = model.embed.weight  # assign=True gave them separate Parameter objects
-    _cast_parameters(model, _dtype(dtype, next(iter(state.values())).dtype))
+    cast_parameters(model, resolve_dtype(dtype, next(iter(state.values())).dtype))
     # RoPE's frequencies are computed buffers (not saved): build them for real, in float32
     model.position = kwargs["position"](d_model=model.d_model, head_dim=model.head_dim, max_seq_len=model.max_seq_len)
     if n_kv_heads is not None and n_kv_heads != model.n_kv_heads:
@@ -217,13 +217,13 @@ def from_hf(path_or_id, n_kv_heads: int | None = None, window: int | None = None
     return model.eval()
 
 
-def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
     """Parameters to `dtype`; computed buffers (RoPE frequencies) stay float32, as transformers keeps them."""
     for p in model.parameters():
         p.data = p.data.to(dtype)
 
 
-def _dtype(name, stored: torch.dtype) -> torch.dtype:
+def resolve_dtype(name, stored: torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     if name is None:
@@ -236,7 +236,7 @@ def _dtype(name, stored: torch.dtype) -> torch.dtype:
 
 
 @torch.no_grad()
-def mean_pool_kv_heads(model: TransformerLM, n_kv_heads: int) -> TransformerLM:
+def mean_pool_kv_heads(model: nn.Module, n_kv_heads: int) -> nn.Module:
     """Convert every attention layer to `n_kv_heads` key/value heads by averaging the key and value
     projections of each group of heads (Ainslie et al. 2023, GQA, section 2.1). Groups are consecutive heads,
     as `repeat_interleave` pairs query heads with key/value heads, so query head j keeps the group it was in."""
@@ -262,7 +262,7 @@ def mean_pool_kv_heads(model: TransformerLM, n_kv_heads: int) -> TransformerLM:
 
 
 # -- writing a checkpoint -----------------------------------------------------------------------------------
-def phi3_config(model: TransformerLM) -> dict:
+def phi3_config(model: nn.Module) -> dict:
     """config.json for `model`, or a ValueError naming the first choice Phi3ForCausalLM cannot express."""
     def refuse(choice, why):
         raise ValueError(f"save_hf: {choice} is not Phi-3 compatible ({why})")
@@ -330,7 +330,7 @@ def phi3_config(model: TransformerLM) -> dict:
     return cfg
 
 
-def ours_to_phi3(model: TransformerLM, include_tied_head: bool = False) -> dict[str, torch.Tensor]:
+def ours_to_phi3(model: nn.Module, include_tied_head: bool = False) -> dict[str, torch.Tensor]:
     """Our parameters under Phi-3's names, q/k/v and gate/up fused again (new, contiguous tensors)."""
     ours = model.state_dict()
     out = {}
@@ -341,7 +341,7 @@ def ours_to_phi3(model: TransformerLM, include_tied_head: bool = False) -> dict[
     return out
 
 
-def save_hf(model: TransformerLM, directory, max_shard_bytes: int | None = None, **config_overrides) -> Path:
+def save_hf(model: nn.Module, directory, max_shard_bytes: int | None = None, **config_overrides) -> Path:
     """Write config.json and safetensors weights that `Phi3ForCausalLM.from_pretrained(directory)` loads.
     config_overrides: e.g. eos_token_id=..., written into config.json. Shards above max_shard_bytes."""
     from safetensors.torch import save_file
@@ -373,7 +373,7 @@ def save_hf(model: TransformerLM, directory, max_shard_bytes: int | None = None,
     return directory
 
 
-def to_hf_model(model: TransformerLM, dtype=None, device=None, attn_implementation: str = "sdpa"):
+def to_hf_model(model: nn.Module, dtype=None, device=None, attn_implementation: str = "sdpa"):
     """transformers' Phi3ForCausalLM holding our weights (in memory, e.g. to compare the two)."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -386,45 +386,3 @@ def to_hf_model(model: TransformerLM, dtype=None, device=None, attn_implementati
         hf.lm_head.weight = hf.model.embed_tokens.weight
     hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.config)  # computed buffers, built for real
     return hf.to(device=device or ref.device, dtype=dtype or ref.dtype).eval()
-
-
-# -- Hydra entry points (conf/model/phi3*.yaml, runner/build.py) ---------------------------------------------
-def build_phi3(checkpoint=None, dtype=None, **model_kwargs) -> TransformerLM:
-    """The phi3 presets' `_target_`: random weights at the preset's sizes, or `checkpoint`'s weights.
-
-    With a checkpoint its config.json decides the architecture and the preset's sizes are ignored; only
-    these keys change what is loaded (see conf/model/phi3.yaml):
-      attention.kernel      always used;
-      attention.n_kv_heads  None (the MHA default) = the checkpoint's own; a number = mean-pool its key/value
-                            heads down to that many;
-      attention.window      null = the checkpoint's sliding_window; a number replaces it;
-      attention_schedule    null = none; a list of mask patterns replaces the sliding window;
-      dtype                 null = float32.
-    """
-    if checkpoint is None:
-        model = TransformerLM(**model_kwargs)
-        if dtype is not None:
-            _cast_parameters(model, _dtype(dtype, torch.float32))
-        return model
-    attn = model_kwargs.get("attention")
-    options = dict(getattr(attn, "keywords", {}))
-    if attn is not None and getattr(attn, "func", attn) is not Attention:
-        raise ValueError(f"a checkpoint loads into variants.Attention, not {attn!r}")
-    n_kv = options.get("n_kv_heads")
-    return from_hf(checkpoint, n_kv_heads=n_kv, window=options.get("window"),
-                   attention_schedule=model_kwargs.get("attention_schedule"), kernel=options.get("kernel", "sdpa"),
-                   dtype=dtype)
-
-
-def build_from_checkpoint(checkpoint, model_cfg: dict) -> TransformerLM:
-    """runner/build.py's hook for `model.checkpoint=...`: any model preset's resolved config, read by the rule of
-    build_phi3 (the preset's sizes and part choices are ignored; the checkpoint's architecture is used)."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate({**model_cfg, "_target_": f"{__name__}.build_phi3", "checkpoint": str(checkpoint)})
-    except InstantiationException as err:  # show the loader's own message, not Hydra's wrapper
-        if isinstance(err.__cause__, (ValueError, RuntimeError, OSError)):
-            raise err.__cause__ from None
-        raise

@@ -35,7 +35,14 @@ class TransformerLM(nn.Module):
             GPT-3's alternation of dense and sparse layers); None uses the attention factory's own.
         head_dim: per-head size; None means d_model // n_heads.
         init_std: std of the normal init; residual output projections get init_std / sqrt(2 n_layers)
-            (GPT-2), so the residual stream's variance does not grow with depth.
+            (GPT-2), so the residual stream's variance does not grow with depth. A part opts in by marking
+            the nn.Linear that writes into the residual stream: `self.out_proj.is_residual_projection = True`
+            (Attention's o_proj and the MLPs' down_proj do), so a user's own attention or FFN can too.
+
+    The runner uses only this public face (so a user's own block or attention class works with bench,
+    inspect, generate and FSDP): `blocks` (the repeated layers), `attention_modules()`, `n_heads`,
+    `n_kv_heads`, `head_dim`, `max_seq_len`, `vocab_size`, `num_params()`, `flops_per_token()`,
+    `kv_cache_bytes_per_token()`, `allocate_cache()` and `reencode_at`.
     Defaults give the Llama block: pre-norm RMSNorm, SwiGLU, RoPE, MHA.
     """
 
@@ -88,9 +95,21 @@ class TransformerLM(nn.Module):
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
 
+    # -- the public face the runner uses ---------------------------------------------------------------
+    def attention_modules(self) -> list[nn.Module]:
+        """The self-attention module of every layer, in order (each has n_heads, n_kv_heads, head_dim and,
+        for ours, kernel and pattern)."""
+        return [block.attn for block in self.blocks]
+
     @property
     def n_kv_heads(self) -> int:
-        return self.blocks[0].attn.n_kv_heads
+        return self.attention_modules()[0].n_kv_heads
+
+    @property
+    def reencode_at(self) -> int | None:
+        """A KV-cached sequence that grows past this many tokens must be encoded again from scratch (the
+        position module decides: LongRoPE's switch to its long factors); None: never."""
+        return getattr(self.position, "reencode_at", None)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (a tied head counts once); optionally without token/position embeddings."""

@@ -78,6 +78,13 @@ class LongRoPEScaling:
 
     needs_seq_len = True
 
+    @property
+    def reencode_at(self) -> int:
+        """Past this many tokens every position's frequencies change (the long factors take over): keys
+        cached before are stale and the sequence must be encoded again (transformers' Phi-3 drops its cache
+        there too)."""
+        return self.original_max_position_embeddings
+
     def __init__(self, short_factor, long_factor, original_max_position_embeddings: int,
                  factor: float | None = None, attention_factor: float | None = None):
         if len(short_factor) != len(long_factor):
@@ -132,6 +139,12 @@ class RoPE(nn.Module):
             long_inv, _ = scaling.inv_freq(theta, self.rotary_dim, scaling.original_max_position_embeddings + 1,
                                            max_seq_len)
             self.register_buffer("long_inv_freq", long_inv, persistent=False)
+
+    @property
+    def reencode_at(self) -> int | None:
+        """A cached sequence that grows past this many tokens must be encoded again (LongRoPE switching to
+        its long factors); None: cached keys stay valid at any length."""
+        return getattr(self.scaling, "reencode_at", None)
 
     def _apply(self, fn, *args, **kwargs):
         # Casting the model to bf16/fp16 must not round the frequencies: keep them float32, move device only.

@@ -5,7 +5,7 @@
     batch = next(loader)                      # {"input_ids", "labels", "position_ids", "document_ids"}: (B, T) int64
     for batch in data.val_batches(16): ...    # every validation row once, in order
 
-Row conventions (labels, positions, document ids) are in runner/packing.py. Tokenized and packed splits are
+Row conventions (labels, positions, document ids) are in runner/data/packing.py. Tokenized and packed splits are
 cached under `cache_dir/packed/` by corpus fingerprint, tokenizer fingerprint, seq_len and packing mode.
 `python run.py task=data` is the data benchmark: a cold build in a fresh cache, then the cached load.
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runner.corpus import load_corpus
-from runner.packing import FIELDS, PACKING_MODES, PackedSplit, load_packed, pack, rows_needed, save_packed
-from runner.tokenizer import Tokenizer, build_tokenizer
+from runner.data.corpus import load_corpus
+from runner.data.packing import FIELDS, PACKING_MODES, PackedSplit, load_packed, pack, rows_needed, save_packed
+from runner.data.tokenizer import Tokenizer, build_tokenizer
 
 CACHE_VERSION = 1  # bump when the packed layout changes, so old cache entries are not reused
 

@@ -2,39 +2,39 @@
 
     run_suite(model, cfg, device, metrics) -> the `bench` section of results.json
 
-measures, with warm-up, synchronisation and several repeats (median and spread, runner/bench_timing.py):
+measures, with warm-up, synchronisation and several repeats (median and spread, runner/bench/timing.py):
   train      one optimizer step (forward, backward, clipping, AdamW) on random tokens: tokens/s and MFU
   prefill    a prompt through the model into a static KV cache, at several prompt lengths
   decode     greedy generation of `new_tokens` tokens at several batch sizes, with the KV cache and
              without it (then every step re-runs the whole sequence)
   memory     peak memory of every point; KV-cache bytes per token measured from an allocated cache and
              checked against 2 x layers x kv_heads x head_dim x bytes
-  kernels    eager vs SDPA vs FlexAttention on the same masks (runner/bench_kernels.py)
-  reference  Phi-3 configurations against transformers' Phi3ForCausalLM (runner/bench_reference.py)
+  kernels    eager vs SDPA vs FlexAttention on the same masks (runner/bench/kernels.py)
+  reference  Phi-3 configurations against transformers' Phi3ForCausalLM (runner/bench/reference.py)
   quality    task=bench: validation perplexity as task=eval measures it (bench.perplexity, runner/evaluate.py)
 A point that runs out of memory is recorded as {"status": "oom"} and the suite goes on.
-runner/BENCH.md documents every figure.
+runner/bench/BENCH.md documents every figure.
 """
 import copy
 import os
 import platform
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from runner.bench_kernels import kernel_points
-from runner.bench_reference import reference_comparison, wants_reference
-from runner.bench_timing import PeakMemory, free_memory, guarded, memory_kind, throughput, time_fn
-from runner.build import resolve_device
-from runner.flops import device_memory_bandwidth, device_peak_flops, peak_source
-from runner.tracking import Results, is_oom, start_logger
+from runner.bench.flops import device_memory_bandwidth, device_peak_flops, peak_source
+from runner.bench.kernels import kernel_points
+from runner.bench.reference import reference_comparison, wants_reference
+from runner.bench.timing import PeakMemory, free_memory, guarded, memory_kind, throughput, time_fn
+from runner.build import record_model, resolve_device
+from runner.compute import autocast_dtype, next_token_loss
+from runner.formatting import dtype_name, format_bytes
+from runner.task import task_run
+from variants.hf import DTYPES
 
 __all__ = ["run_suite", "main", "device_peak_flops", "kv_cache_size", "print_table"]
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -102,9 +102,7 @@ def measure_train(model, batch_size: int, seq_len: int, device, autocast, timer,
     x, y = ids[:, :-1], ids[:, 1:]  # (B, T) inputs and next-token targets
 
     def step():
-        with torch.autocast(device.type, dtype=autocast) if autocast else nullcontext():
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss = next_token_loss(model, x, y, dtype=autocast)  # the training loop's loss and precision
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -192,7 +190,7 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
     profile, sizes = profile_settings(bc, device)
     timer = lambda fn, setup=None: time_fn(fn, device, bc.warmup, bc.repeats, setup)  # noqa: E731
     metrics = metrics or {}
-    bench = {"device": device_name(device), "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
+    bench = {"device": device_name(device), "device_type": device.type, "dtype": dtype_name(dtype),
              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "profile": profile,
              "warmup": bc.warmup, "repeats": bc.repeats, "memory_kind": memory_kind(device),
              "params": model.num_params(), "val_ppl": metrics.get("val_ppl"), "val_loss": metrics.get("val_loss"),
@@ -229,7 +227,7 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
             "status": "skipped", "reason": reason}
         update()
     if bc.run.kernels:
-        attn = model.blocks[0].attn
+        attn = model.attention_modules()[0]
         bench["kernels"] = kernel_points(
             attn.n_heads, attn.n_kv_heads, attn.head_dim, sizes["kernel_seq_lens"], list(bc.kernels.masks),
             list(bc.kernels.kernels), sizes["kernel_window"], bc.kernels.documents, bc.kernels.batch_size,
@@ -241,11 +239,9 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
 
 def train_point(model, batch_size, seq_len, device, train_dtype, timer, train_step=None) -> dict:
     """bf16 autocast over fp32 weights on CUDA, as the training loop does (train.dtype)."""
-    fp32_params = next(model.parameters()).dtype == torch.float32
-    autocast = torch.bfloat16 if fp32_params and (
-        train_dtype == "bfloat16" or (train_dtype == "auto" and device.type == "cuda")) else None
+    autocast = autocast_dtype(train_dtype, device, next(model.parameters()).dtype)
     return guarded(lambda: measure_train(model, batch_size, seq_len, device, autocast, timer, train_step), device,
-                   batch_size=batch_size, seq_len=seq_len, autocast=str(autocast).removeprefix("torch.") if autocast else None)
+                   batch_size=batch_size, seq_len=seq_len, autocast=dtype_name(autocast))
 
 
 def prefill_points(model, sizes: dict, dtype, device, timer) -> list[dict]:
@@ -339,9 +335,7 @@ def wants_perplexity(cfg: DictConfig) -> tuple[bool, str | None]:
 def main(cfg: DictConfig):
     from runner.evaluate import check_eval_config, load_eval_model, model_and_perplexity
 
-    results = Results(cfg, task="bench")  # first, so that no outcome goes unrecorded
-    logger, status, error, bench = None, "failed", None, None
-    try:
+    with task_run(cfg, "bench", print_summary=lambda record: print_table(record.get("bench"), record_path(record))) as run:
         perplexity, skipped = wants_perplexity(cfg)
         if perplexity:
             check_eval_config(cfg)  # a checkpoint's tokenizer, before any work
@@ -349,33 +343,24 @@ def main(cfg: DictConfig):
             raise ValueError("task=bench needs a vocabulary size: set tokenizer.vocab_size (or model.vocab_size), "
                              "or bench.perplexity=true to take the tokenizer's")
         device = resolve_device(cfg.bench.get("device") or cfg.get("train", {}).get("device", "auto"))
-        logger = start_logger(cfg, results)
+        run.start_logger()
         metrics = {}
         if perplexity:  # the same data, weights and loss as task=eval, on the first bench.eval_batches batches
             model, metrics, data, source = model_and_perplexity(cfg, device, cfg.bench.get("eval_batches"))
-            results.update(data=data.stats, metrics=metrics)
+            run.results.update(data=data.stats, metrics=metrics)
         else:
             model, source = load_eval_model(cfg, device)
-        results.update(params=model.num_params(), params_non_embedding=model.num_params(exclude_embeddings=True),
-                       weights=source)
-        bench = run_suite(model, cfg, device, metrics, on_update=lambda partial: results.update(bench=partial))
+        record_model(run.results, model)
+        run.results.update(weights=source)
+        bench = run_suite(model, cfg, device, metrics, on_update=lambda partial: run.results.update(bench=partial))
         bench["perplexity"] = ({"status": "ok", "batches": cfg.bench.get("eval_batches"), "weights": source}
                                if perplexity else {"status": "skipped", "reason": skipped})
-        results.update(bench=bench)
-        status = "ok"
-    except BaseException as err:
-        status, error = ("oom" if is_oom(err) else "failed"), err
-        raise
-    finally:
-        results.finish(status, error)
-        if logger is not None:
-            for key in ("train", "prefill", "decode", "kernels"):
-                logger.log_table(f"bench/{key}", (bench or {}).get(key) or [])
-            logger.summary({f"bench/{k}": v for k, v in (bench or {}).items() if isinstance(v, (int, float))})
-            logger.summary(results.data["metrics"])
-            logger.finish(status)
-    print_table(bench, results.path)
-    return results.data
+        run.results.update(bench=bench)
+    return run.results.data
+
+
+def record_path(record: dict) -> str:
+    return f"{record.get('output_dir', '')}/results.json"
 
 
 # -- the printed table --------------------------------------------------------------------------------------
@@ -383,15 +368,6 @@ def _rate(p, key="tokens_per_s"):
     if p.get("status") != "ok":
         return p.get("status", "-")
     return f"{p[key]:,.0f} tok/s [{p[key + '_min']:,.0f}-{p[key + '_max']:,.0f}]"
-
-
-def _bytes(n):
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
 
 
 def _num(x, fmt="{:,.3g}"):
@@ -406,10 +382,10 @@ def print_table(bench: dict | None, path=None) -> None:
     for p in bench["train"]:
         mfu = f"  MFU {bench['mfu']:.1%}" if bench.get("mfu") is not None else ""
         lines.append(f"  train     B={p['batch_size']} T={p['seq_len']:<6}      {_rate(p)}{mfu}  "
-                     f"peak {_bytes(p.get('peak_memory_bytes'))}")
+                     f"peak {format_bytes(p.get('peak_memory_bytes'))}")
     for p in bench["prefill"]:
         lines.append(f"  prefill   B={p['batch_size']} prompt={p['prompt_length']:<6} {_rate(p)}  "
-                     f"peak {_bytes(p.get('peak_memory_bytes'))}")
+                     f"peak {format_bytes(p.get('peak_memory_bytes'))}")
     for p in bench["decode"]:
         bound = p.get("fraction_of_bandwidth_bound")
         bound = f"  {bound:.0%} of bandwidth bound" if bound is not None else ""
@@ -419,7 +395,7 @@ def print_table(bench: dict | None, path=None) -> None:
                  f"{bench.get('kv_cache_speedup_new_tokens')} new tokens; "
                  f"{_num(bench.get('kv_cache_bytes_per_token'), '{:,}')} bytes/token "
                  f"(analytic {_num(bench.get('kv_cache_bytes_per_token_analytic'), '{:,}')})")
-    lines.append(f"  peak memory {_bytes(bench.get('peak_memory_bytes'))} ({bench['memory_kind']})")
+    lines.append(f"  peak memory {format_bytes(bench.get('peak_memory_bytes'))} ({bench['memory_kind']})")
     if bench["kernels"]:
         kernels = list(dict.fromkeys(p["kernel"] for p in bench["kernels"]))
         lines.append("  attention kernels, ms per forward: " + "  ".join(f"{k:>10}" for k in kernels))

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from runner.bench_timing import guarded, throughput, time_fn
+from runner.bench.timing import guarded, throughput, time_fn
 from variants.attention import KERNELS
 from variants.masks import AttentionContext, Causal, SlidingWindow
 

@@ -11,7 +11,8 @@ import os
 
 from omegaconf import DictConfig
 
-from runner.compare import FAMILIES, FINISHED
+from runner.report.format import FINISHED
+from runner.tracking import FAMILIES
 
 CURVES = (("validation loss", "val/loss"), ("training loss", "train/loss"), ("validation perplexity", "val/ppl"))
 MEMORY = (("peak memory (bytes)", "bench/peak_memory_bytes"),

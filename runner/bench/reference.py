@@ -7,9 +7,9 @@ matches ours (eager, sdpa or flex_attention).
 """
 import torch
 
-from runner.bench_timing import PeakMemory, throughput
+from runner.bench.timing import PeakMemory, throughput
 
-PHI3_TARGET = "variants.hf.build_phi3"  # the _target_ of conf/model/phi3*.yaml
+PHI3_TARGET = "runner.build.build_phi3"  # the _target_ of conf/model/phi3*.yaml
 HF_ATTENTION = {"eager": "eager", "sdpa": "sdpa", "flex": "flex_attention"}
 # (atol, rtol) for `logits_agree`: max |ours - theirs| <= atol + rtol x max |their logit|. Half precision
 # rounds each of the two models' matmuls and norms differently, so it gets a few units in the last place.
@@ -18,7 +18,7 @@ LOGIT_TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (1e-2, 2e-2), to
 
 def wants_reference(cfg) -> tuple[bool, str | None]:
     """bench.reference: true, false, or auto = Phi-3 configurations: the phi3 presets (built by
-    variants.hf.build_phi3) and models loaded from a checkpoint."""
+    runner.build.build_phi3) and models loaded from a checkpoint."""
     setting = str(cfg.bench.get("reference", "auto")).lower()
     if setting == "false":
         return False, "bench.reference=false"
@@ -34,7 +34,7 @@ def wants_reference(cfg) -> tuple[bool, str | None]:
 def build_reference(model, dtype, device):
     """transformers' Phi3ForCausalLM holding our model's weights (variants.hf does the key mapping)."""
     from variants import hf
-    kernel = model.blocks[0].attn.kernel
+    kernel = model.attention_modules()[0].kernel
     return hf.to_hf_model(model, dtype=dtype, device=device, attn_implementation=HF_ATTENTION[kernel]).eval()
 
 

@@ -1,6 +1,6 @@
 """The compare report's plots as PNGs (matplotlib, Agg: no display needed), for papers and READMEs.
 
-Each function takes the report dict built by runner.compare.build_report and returns the file it wrote,
+Each function takes the report dict built by runner.report.build_report and returns the file it wrote,
 or None when the runs hold nothing to plot (e.g. no benchmark numbers)."""
 from collections import defaultdict
 from pathlib import Path
@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
-from runner.compare import FINISHED, fmt  # noqa: E402
+from runner.report.format import FINISHED, fmt  # noqa: E402
 
 STYLE = {"figure.dpi": 110, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
          "grid.alpha": 0.3, "font.size": 9, "axes.titlesize": 10, "legend.fontsize": 8, "legend.frameon": False}
@@ -80,7 +80,7 @@ def plot_pareto(report, path):
 
 
 def _by_variant(report, key):
-    """(mean, computed from the config?) per variant; measured values win over computed ones."""
+    """(mean, counted by the model rather than measured?) per variant; measured values win over computed ones."""
     values = defaultdict(lambda: ([], []))
     for r in report["runs"]:
         if r[key] is not None:
@@ -112,7 +112,7 @@ def plot_effects(report, path):
     fams = report["effects"]
     if not fams:
         return None
-    from runner.compare import family_title
+    from runner.report.format import family_title
     cols = min(3, len(fams))
     rows = (len(fams) + cols - 1) // cols
     height = max(len(f["choices"]) for f in fams)

@@ -1,0 +1,50 @@
+"""`python run.py task=compare`: which choices matter, and what do they cost?
+
+Gathers every results.json under `compare.dirs` (default `outputs/`) and writes, into `compare.out`:
+  report.html   one self-contained page (inline CSS/JS/SVG, no CDN): a sortable table of runs, loss curves,
+                perplexity vs training tokens/s with the Pareto front, memory, and per-family effects
+  report.md     the same table and effects as Markdown
+  *.png         the plots (matplotlib, Agg) for papers and READMEs
+With `compare.wandb=true` it also saves a W&B workspace for a sweep (runner/report/wandb_workspace.py).
+
+Effects: for a family (norm, ffn, attention, ...) and one of its choices, the runs with that choice are
+averaged per seed (which averages over the other families), then over seeds; with two or more seeds the
+95% interval is mean ± t(0.975, k-1) · sd / sqrt(k) over the k per-seed means.
+"""
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from runner.report.build import build_report, write_report
+from runner.report.format import FINISHED
+from runner.report.markdown import render_markdown
+from runner.report.runs import gather, load_run
+from runner.report.stats import effects, mean_interval, pareto_front, t_quantile
+
+__all__ = ["main", "gather", "load_run", "build_report", "write_report", "render_markdown", "effects",
+           "mean_interval", "pareto_front", "t_quantile"]
+
+
+def main(cfg: DictConfig):
+    c = cfg.compare
+    if c.get("wandb"):
+        from runner.report.wandb_workspace import require_api_key
+        require_api_key()  # before anything is read or written
+    dirs = [c.dirs] if isinstance(c.dirs, str) else list(c.dirs)
+    runs = gather(dirs)
+    if not runs:
+        raise FileNotFoundError(f"compare: no results.json under {dirs}; train something first "
+                                f"(`python run.py` or `python run.py -m +experiment=attention`)")
+    from runner.tracking import output_dir
+    out = Path(c.out) if c.get("out") else output_dir()
+    report = build_report(runs, dirs)
+    written = write_report(report, out, png=c.get("png", True))
+    n_ok = sum(r["status"] == FINISHED for r in runs)
+    print(f"compare: {len(runs)} runs ({n_ok} ok, {len(runs) - n_ok} not) from {', '.join(map(str, dirs))}")
+    for path in written:
+        print(f"  wrote {path}")
+    if c.get("wandb"):
+        from runner.report.wandb_workspace import publish
+        url = publish(runs, cfg)
+        print(f"  W&B workspace: {url}")
+    return {"runs": len(runs), "files": [str(p) for p in written]}

@@ -1,0 +1,172 @@
+"""The compare report as one self-contained HTML page: tables are rendered here, charts by a small inline
+script (report.js, with report.css beside it) into SVG (no CDN, no library: the page works offline and from file://).
+
+Every chart is a <figure data-chart=...>; the script sets data-rendered on each one it draws, and the page
+records uncaught script errors in <html data-errors>, which the browser test reads."""
+import html
+import json
+from importlib import resources
+
+from runner.report.format import FINISHED, family_title, fmt, fmt_interval
+
+
+def _asset(name: str) -> str:
+    """The page's stylesheet and script are package files (report.css, report.js), inlined so that the page
+    stays one self-contained file."""
+    return resources.files("runner.report").joinpath(name).read_text(encoding="utf-8")
+
+
+def render_html(report: dict) -> str:
+    runs = report["runs"]
+    data = {
+        "colors": report["colors"],
+        "runs": [{k: r.get(k) for k in ("id", "label", "variant_label", "status", "pareto", "val_ppl", "val_loss",
+                                         "train_tokens_per_s", "peak_memory_bytes", "kv_cache_bytes_per_token",
+                                         "kv_estimated", "curves")} for r in runs],
+        "effects": report["effects"],
+    }
+    payload = json.dumps(data, default=str).replace("</", "<\\/")
+    head = HEAD.replace("{title}", html.escape(report["title"])).replace("{style}", _asset("report.css"))
+    head = head.replace("{errors}", _asset("report-errors.js"))
+    parts = [head, _header(report), _runs_table(report),
+             _not_finished(report), CURVES, _pareto(report), MEMORY, _effects(report),
+             f'<footer>Written by <code>python run.py task=compare</code> from {len(runs)} results.json files '
+             f'under {", ".join(html.escape(d) for d in report["dirs"])}. Markdown summary: report.md; '
+             f'PNG plots beside this file.</footer>',
+             f'<script id="report-data" type="application/json">{payload}</script>',
+             f"<script>\n{_asset('report.js')}</script></body></html>"]
+    return "\n".join(p for p in parts if p)
+
+
+def _e(x) -> str:
+    return html.escape("–" if x is None else str(x))
+
+
+def _header(report) -> str:
+    runs = report["runs"]
+    done = [r for r in runs if r["status"] == FINISHED]
+    cards = []
+    best = min((r for r in done if r["val_ppl"] is not None), key=lambda r: r["val_ppl"], default=None)
+    if best:
+        cards.append(("lowest perplexity", fmt("val_ppl", best["val_ppl"]), best["label"]))
+    fast = max((r for r in done if r["train_tokens_per_s"] is not None),
+               key=lambda r: r["train_tokens_per_s"], default=None)
+    if fast:
+        cards.append(("fastest training", fmt("train_tokens_per_s", fast["train_tokens_per_s"]) + " tok/s",
+                      fast["label"]))
+    small = min((r for r in runs if r["kv_cache_bytes_per_token"] is not None),
+                key=lambda r: r["kv_cache_bytes_per_token"], default=None)
+    if small:
+        cards.append(("smallest KV cache", fmt("kv_cache_bytes_per_token", small["kv_cache_bytes_per_token"])
+                      + "/token", small["label"]))
+    cards.append(("runs", f"{len(done)} ok / {len(runs)}",
+                  f"{len(runs) - len(done)} did not finish" if len(done) < len(runs) else "all finished"))
+    common = ", ".join(f"{k}={v}" for k, v in report["common"].items())
+    return (f'<header><h1>{_e(report["title"])}</h1>'
+            f'<p class="meta">{len(runs)} runs from {_e(", ".join(report["dirs"]))} · generated '
+            f'{_e(report["generated_at"])}</p><div class="cards">'
+            + "".join(f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{_e(v)}</div>'
+                      f'<div class="s">{_e(s)}</div></div>' for k, v, s in cards)
+            + "</div>" + (f'<p class="common">Common to all runs: {_e(common)}</p>' if common else "")
+            + "</header>")
+
+
+def _badge(status) -> str:
+    return f'<span class="badge {_e(status)}">{_e(status)}</span>'
+
+
+def _runs_table(report) -> str:
+    vcols, mcols = report["variant_columns"], report["metric_columns"]
+    head = ('<tr><th data-type="text">run</th><th data-type="text">status</th>'
+            + "".join(f'<th data-type="text">{_e(c)}</th>' for c in vcols)
+            + "".join(f'<th data-type="num" class="num">{_e(h)}</th>' for _, h in mcols) + "</tr>")
+    body = []
+    for r in report["runs"]:
+        star = '<span class="star" title="on the Pareto front">★</span> ' if r["pareto"] else ""
+        cells = [f'<td data-v="{_e(r["label"])}">{star}<span class="swatch" style="background:'
+                 f'{report["colors"][r["variant_label"]]}"></span>{_e(r["label"])}'
+                 f'<div class="path" title="{_e(r["id"])}">{_e(r["name"])}</div></td>',
+                 f'<td data-v="{_e(r["status"])}">{_badge(r["status"])}</td>']
+        cells += [f'<td>{_e(r["variant"].get(c))}</td>' for c in vcols]
+        for k, _ in mcols:
+            est = k == "kv_cache_bytes_per_token" and r.get("kv_estimated") and r[k] is not None
+            cells.append(f'<td class="num" data-v="{"" if r[k] is None else r[k]}"'
+                         f'{" title=computed&#32;from&#32;the&#32;config" if est else ""}>'
+                         f'{_e(fmt(k, r[k]))}{"*" if est else ""}</td>')
+        body.append(f'<tr class="{"" if r["status"] == FINISHED else "dnf"}">' + "".join(cells) + "</tr>")
+    note = ('<p class="hint">* counted by the model (the run was not benchmarked).</p>'
+            if any(r.get("kv_estimated") for r in report["runs"]) else "")
+    return ('<section id="runs"><h2>Runs</h2><p class="hint">Click a heading to sort. ★ marks the Pareto '
+            'front: no other run has both lower perplexity and higher training throughput.</p>'
+            f'<div class="table-wrap"><table class="sortable" id="runs-table"><thead>{head}</thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>{note}</section>')
+
+
+def _not_finished(report) -> str:
+    if not report["not_finished"]:
+        return ""
+    items = "".join(f'<li>{_badge(r["status"])} <b>{_e(r["label"])}</b> <span class="path">{_e(r["id"])}</span>'
+                    f'<pre>{_e(r["error"] or "no error recorded")}</pre></li>' for r in report["not_finished"])
+    return (f'<section id="not-finished"><h2>Runs that did not finish ({len(report["not_finished"])})</h2>'
+            f'<ul class="dnf-list">{items}</ul></section>')
+
+
+def _effects(report) -> str:
+    if not report["effects"]:
+        return ('<section id="effects"><h2>Effect of each choice</h2><p class="hint">No family has two '
+                'choices among the finished runs.</p></section>')
+    blocks = []
+    for i, fam in enumerate(report["effects"]):
+        rows = "".join(
+            f'<tr><td>{_e(c["choice"])}</td><td class="num">{c["runs"]}</td><td class="num">{c["seeds"]}</td>'
+            f'<td class="num">{_e(fmt_interval(c, "val_loss"))}</td>'
+            f'<td class="num">{_e(fmt_interval(c, "val_ppl"))}</td>'
+            f'<td class="num">{"best" if c["delta_ppl"] == 0 else "+" + format(c["delta_ppl"], ".2f")}</td>'
+            f'<td class="num">{_e(fmt_interval(c, "train_tokens_per_s"))}</td></tr>' for c in fam["choices"])
+        blocks.append(
+            f'<div class="effect"><h3>{_e(family_title(fam))}</h3><div class="grid2">'
+            '<table class="effects"><thead><tr><th>choice</th><th class="num">runs</th><th class="num">seeds'
+            '</th><th class="num">val loss</th><th class="num">val ppl</th><th class="num">Δ ppl</th>'
+            f'<th class="num">train tok/s</th></tr></thead><tbody>{rows}</tbody></table>'
+            f'<figure class="chart small" data-chart="effect" data-index="{i}"></figure></div></div>')
+    return ('<section id="effects"><h2>Effect of each choice</h2><p class="hint">For each family, the mean '
+            'over the finished runs with that choice (averaged per seed, then across seeds, so the other '
+            'families are averaged out); with several seeds, [95% t-interval across seeds]. Δ ppl is '
+            'against the family\'s best choice.</p>' + "".join(blocks) + "</section>")
+
+
+CURVES = """<section id="curves"><h2>Loss curves</h2><p class="hint">Against training tokens; one colour per
+variant (seeds share it; dotted: did not finish). Click a legend entry to hide or show it; hover for values.</p>
+<div class="grid2">
+<figure class="chart" data-chart="curves" data-kind="val"><figcaption>validation loss</figcaption></figure>
+<figure class="chart" data-chart="curves" data-kind="train"><figcaption>training loss</figcaption></figure>
+</div></section>"""
+
+MEMORY = """<section id="memory"><h2>Memory</h2><p class="hint">By variant (mean over its runs). Hatched and
+starred: counted by the model, because no run of that variant was benchmarked.</p><div class="grid2">
+<figure class="chart" data-chart="bars" data-key="peak_memory_bytes"><figcaption>peak memory</figcaption></figure>
+<figure class="chart" data-chart="bars" data-key="kv_cache_bytes_per_token"><figcaption>KV-cache bytes per token
+</figcaption></figure></div></section>"""
+
+
+def _pareto(report) -> str:
+    front = sorted((r for r in report["runs"] if r["pareto"]), key=lambda r: r["val_ppl"])
+    rows = "".join(f'<tr><td><span class="swatch" style="background:{report["colors"][r["variant_label"]]}">'
+                   f'</span>{_e(r["label"])}</td><td class="num">{_e(fmt("val_ppl", r["val_ppl"]))}</td>'
+                   f'<td class="num">{_e(fmt("train_tokens_per_s", r["train_tokens_per_s"]))}</td></tr>'
+                   for r in front)
+    table = ('<table class="front"><thead><tr><th>Pareto front</th><th class="num">val ppl</th>'
+             f'<th class="num">train tok/s</th></tr></thead><tbody>{rows}</tbody></table>' if front else "")
+    return ('<section id="pareto"><h2>Quality vs speed</h2><p class="hint">Validation perplexity against '
+            'training throughput; the dashed line joins the Pareto front (ringed points): each is the '
+            'lowest perplexity at its speed or faster. Lower right is better.</p><div class="grid2 wide-left">'
+            '<figure class="chart" data-chart="pareto"><figcaption>perplexity vs training tokens/s</figcaption>'
+            f'</figure>{table}</div></section>')
+
+
+HEAD = """<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>
+<script>{errors}</script>
+<style>
+{style}</style></head><body>"""
+

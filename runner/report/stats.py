@@ -1,0 +1,100 @@
+"""Statistics of a comparison: t-intervals across seeds, per-family effects, the Pareto front."""
+import math
+import statistics
+from collections import defaultdict
+
+from runner.report.format import FINISHED
+from runner.tracking import FAMILIES
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Two-sided Student-t quantile: the t with P(|T| < t) = p for integer df >= 1 (p=0.95 → 12.71 at df=1,
+    1.96 as df → ∞). Exact: bisection on the closed-form CDF (Abramowitz & Stegun 26.7.3-4)."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+
+    def coverage(t):
+        theta = math.atan(t / math.sqrt(df))
+        c2 = math.cos(theta) ** 2
+        if df % 2:  # odd: (2/π)(θ + sinθ (cosθ + 2/3 cos³θ + ...))
+            term, total = math.cos(theta), 0.0
+            for j in range(1, df - 1, 2):
+                total += term
+                term *= c2 * (j + 1) / (j + 2)
+            return 2 / math.pi * (theta + math.sin(theta) * total)
+        term, total = 1.0, 0.0  # even: sinθ (1 + 1/2 cos²θ + 3/8 cos⁴θ + ...)
+        for j in range(0, df - 1, 2):
+            total += term
+            term *= c2 * (j + 1) / (j + 2)
+        return math.sin(theta) * total
+
+    lo, hi = 0.0, 1.0
+    while coverage(hi) < p:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if coverage(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_interval(values: list[float], level: float = 0.95):
+    """(mean, lower, upper); the bounds are None with fewer than two values."""
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, None, None
+    half = t_quantile(level, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return m, m - half, m + half
+
+
+def effects(runs: list[dict], metrics=("val_loss", "val_ppl", "train_tokens_per_s")) -> list[dict]:
+    """Per family with two or more choices among finished runs: per choice, each metric's mean over the
+    per-seed means, and its 95% t-interval across seeds when there are several."""
+    done = [r for r in runs if r["status"] == FINISHED and r["val_ppl"] is not None]
+    out, partitions = [], {}
+    for family in FAMILIES:
+        by_choice = defaultdict(list)
+        for r in done:
+            by_choice[r["variant"].get(family)].append(r)
+        if len(by_choice) < 2:
+            continue
+        partition = frozenset(frozenset(r["id"] for r in group) for group in by_choice.values())
+        if partition in partitions:  # splits the runs exactly as an earlier family does: same numbers
+            partitions[partition]["same_as"].append(family)
+            continue
+        rows = []
+        for choice, group in by_choice.items():
+            row = {"family": family, "choice": choice, "runs": len(group),
+                   "seeds": len({r["seed"] for r in group})}
+            for m in metrics:
+                per_seed = defaultdict(list)
+                for r in group:
+                    if r[m] is not None:
+                        per_seed[r["seed"]].append(r[m])
+                if per_seed:
+                    row[m], row[m + "_lo"], row[m + "_hi"] = mean_interval(
+                        [statistics.fmean(v) for v in per_seed.values()])
+                else:
+                    row[m] = row[m + "_lo"] = row[m + "_hi"] = None
+            rows.append(row)
+        rows.sort(key=lambda row: row["val_ppl"])
+        for row in rows:
+            row["delta_ppl"] = row["val_ppl"] - rows[0]["val_ppl"]
+        out.append({"family": family, "choices": rows, "same_as": []})
+        partitions[partition] = out[-1]
+    return out
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (ppl, tokens/s) points no other point beats: lower perplexity, higher throughput.
+    Sweep by throughput, descending: a point is on the front if its perplexity beats all faster ones."""
+    order = sorted(range(len(points)), key=lambda i: (-points[i][1], points[i][0]))
+    front, best = [], math.inf
+    for i in order:
+        if points[i][0] < best:
+            front.append(i)
+            best = points[i][0]
+        elif front and points[i] == points[front[-1]]:  # an exact duplicate of a front point
+            front.append(i)
+    return sorted(front)
+
+
