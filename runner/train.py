@@ -3,7 +3,8 @@ and record everything (results.json first, then W&B).
 
 Read top to bottom like nanoGPT's train.py: set-up, the loop, the wrap-up. Faults are part of the job:
 checkpoints are atomic, SIGTERM/Ctrl-C stop at the next step with a checkpoint, a non-finite loss stops
-the run and names the step, and every outcome is written to results.json.
+the run and names the step, resume skips a damaged checkpoint, one process at a time trains in a run
+directory (runner/runlock.py), and every outcome is written to results.json.
 
 Under torchrun (train.distributed=ddp|fsdp, runner/distributed.py) every rank runs this same loop on its
 share of each batch; rank 0 alone writes results.json, checkpoints, W&B and the progress bar.
@@ -20,11 +21,13 @@ from tqdm import tqdm
 
 from runner import distributed
 from runner.build import build_model, check_model_config, record_model
-from runner.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from runner.checkpoint import (RESUME_KEYS, latest_checkpoint, load_latest_readable, rng_state, save_checkpoint,
+                               set_rng_state)
 from runner.compute import autocast_dtype, batch_loss
 from runner.evaluate import evaluate, require_checkpoint_tokenizer
 from runner.task import Interrupted, StopSignal, task_run
 from runner.formatting import format_bytes
+from runner.runlock import RunLock
 from runner.tracking import PART_FAMILIES, Results, output_dir
 
 
@@ -82,7 +85,10 @@ def resume_command(out_dir, overrides: list[str] | None = None) -> str:
 def main(cfg: DictConfig):
     out_dir = output_dir()  # the same on every rank (run.py shares rank 0's timestamp)
     is_main = distributed.process_rank() == 0
+    lock = RunLock.take(out_dir) if is_main else None  # before results.json: a refused run writes nothing here
     with task_run(cfg, "train", print_summary=print_summary, is_main=is_main, out_dir=out_dir) as run:
+        if lock is not None:
+            run.on_close(lambda status: lock.release())
         run.interrupt_hint = lambda err: (f"{str(err) or 'Ctrl-C'}: stopped without a new checkpoint; latest: "
                                           f"{latest_checkpoint(out_dir)}; resume with: {resume_command(out_dir)}")
         check_model_config(cfg.model)  # before any data is read or weight allocated
@@ -158,13 +164,15 @@ class Trainer:
         if not resume:
             return
         resume_from = self.out_dir if resume is True else resume
-        ckpt_path = distributed.broadcast(latest_checkpoint(resume_from) if dist.is_main else None, dist)
+        # rank 0 reads the newest readable checkpoint (a damaged one is set aside); the path, the weights and
+        # the optimizer state reach the other ranks by broadcast
+        loaded = load_latest_readable(resume_from, RESUME_KEYS) if dist.is_main else None
+        ckpt_path = distributed.broadcast(loaded and loaded[0], dist)
         if ckpt_path is None:
             if dist.is_main:
                 print(f"train.resume: no checkpoint in {resume_from}; starting from scratch")
             return
-        # rank 0 reads the file; the weights and optimizer state reach the other ranks by broadcast
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if dist.is_main else {}
+        ckpt = loaded[1] if dist.is_main else {}
         try:
             distributed.load_full_state_dicts(self.model, self.optimizer, ckpt.get("model", {}),
                                               ckpt.get("optimizer", {}), dist)
