@@ -204,18 +204,38 @@ def test_trained_weights_and_the_project_tokenizer_against_a_naive_scorer(monkey
     assert record["metrics"]["lm_eval"]["tiny_choice"]["acc"] == correct / len(QUESTIONS)
 
 
-def test_random_preset_and_the_compare_report_column(monkeypatch, tmp_path, tasks_dir, checkpoint):
+class RecordingLogger:
+    def __init__(self):
+        self.values = {}
+
+    def summary(self, values):
+        self.values.update(values)
+
+    def log_table(self, key, rows):
+        pass
+
+    def finish(self, status):
+        pass
+
+
+def test_random_preset_the_wandb_summary_and_the_compare_report_column(monkeypatch, tmp_path, tasks_dir, checkpoint):
     monkeypatch.chdir(tmp_path)  # results.json: the cwd outside Hydra
+    import runner.task
     from runner.lm_eval import main
+    logger = RecordingLogger()
+    monkeypatch.setattr(runner.task, "start_logger", lambda cfg, results: logger)
     from runner.report.build import build_report
     from runner.report.runs import gather
     path, _ = checkpoint
     record = main(compose(["task=lm_eval", "model=gqa_rope", "model.d_model=32", "model.n_layers=1", "tokenizer=hf",
-                           f"tokenizer.name_or_path={path}", "logger=none", f"lm_eval.include_path={tasks_dir}",
+                           f"tokenizer.name_or_path={path}", f"lm_eval.include_path={tasks_dir}",
                            "lm_eval.tasks=[tiny_choice]", "lm_eval.limit=4"]))
     record = json.loads((Path(record["output_dir"]) / "results.json").read_text())
     assert record["status"] == "ok" and "random weights" in record["weights"]
     assert record["lm_eval"]["n_samples"]["tiny_choice"]["effective"] == 4
+    scores = record["metrics"]["lm_eval"]["tiny_choice"]
+    assert {k: v for k, v in logger.values.items() if k.startswith("lm_eval/")} == {
+        f"lm_eval/tiny_choice/{k}": v for k, v in scores.items()}  # flat keys, one number each
     runs = gather([tmp_path])
     report = build_report(runs, [tmp_path])
     assert ("lm_eval/tiny_choice/acc", "tiny_choice acc") in report["metric_columns"]

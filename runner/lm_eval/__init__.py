@@ -149,7 +149,8 @@ def print_summary(record: dict) -> None:
             if name.endswith("_stderr") or value is None:
                 continue
             stderr = row.get(f"{name}_stderr")
-            lines.append(f"{task:<24} {name:<18} {value:9.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+            shown = f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"
+            lines.append(f"{task:<24} {name:<18} {shown:>10}" + (f" ± {stderr:.4f}" if stderr is not None else "")
                          + (f"   (v{versions[task]})" if task in versions else ""))
     lines.append(f"results    {record.get('output_dir', '')}/results.json")
     print("\n".join(lines))
