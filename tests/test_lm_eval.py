@@ -242,6 +242,14 @@ def test_random_preset_the_wandb_summary_and_the_compare_report_column(monkeypat
     assert runs[0]["lm_eval/tiny_choice/acc"] == record["metrics"]["lm_eval"]["tiny_choice"]["acc"]
 
 
+def test_metric_names_keep_a_filter_before_the_stderr():
+    from runner.lm_eval import harness_metrics
+    out = {"results": {"gsm": {"alias": "gsm", "exact_match,strict-match": 0.5, "exact_match_stderr,strict-match": 0.1,
+                               "acc,none": 1, "word_perplexity_stderr,none": "N/A"}}}
+    assert harness_metrics(out) == {"gsm": {"exact_match_strict-match": 0.5, "exact_match_strict-match_stderr": 0.1,
+                                            "acc": 1.0, "word_perplexity_stderr": None}}
+
+
 def test_without_the_harness_the_task_says_how_to_install_it(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # results.json: the cwd outside Hydra
     import runner.data

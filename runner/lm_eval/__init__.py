@@ -95,18 +95,18 @@ def run_harness(lm, tasks: list[str], c: DictConfig) -> dict:
 
 
 def harness_metrics(out: dict) -> dict:
-    """{task: {metric: value, metric_stderr: value}}. The harness keys a metric by its filter ("acc,none");
-    a filter other than none stays in the name (exact_match_strict-match)."""
+    """{task: {metric: value, metric_stderr: value}}. The harness keys a metric by its filter ("acc,none",
+    "acc_stderr,none"); a filter other than none stays in the name (exact_match_strict-match[_stderr])."""
     metrics = {}
     for task, values in out["results"].items():
         row = {}
         for key, value in values.items():
             if "," not in key:  # alias, sample counts
                 continue
-            name, filt = key.split(",", 1)
-            if filt != "none":
-                name = f"{name}_{filt}"
-            row[name] = None if value in ("N/A", None) else float(value)
+            metric, filt = key.split(",", 1)
+            name = metric.removesuffix("_stderr") + ("" if filt == "none" else f"_{filt}")
+            name += "_stderr" if metric.endswith("_stderr") else ""
+            row[name] = float(value) if isinstance(value, (int, float)) else None  # "N/A": no stderr
         metrics[task] = row
     return metrics
 
