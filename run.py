@@ -1,4 +1,4 @@
-"""The one entry point: `python run.py [task=train|eval|bench|data|generate|inspect|compare] [overrides]`.
+"""The one entry point: `python run.py [task=train|eval|bench|data|generate|inspect|compare|lm_eval] [overrides]`.
 
 Each task lives in its own runner module with a `main(cfg)` function; this file only composes the
 config and dispatches, so that `python run.py --cfg job ...` prints a config without importing torch.
@@ -18,6 +18,7 @@ TASKS = {
     "generate": "runner.generate",
     "inspect": "runner.inspect",
     "compare": "runner.report",
+    "lm_eval": "runner.lm_eval",
 }
 
 

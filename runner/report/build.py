@@ -23,6 +23,9 @@ def build_report(runs: list[dict], dirs) -> dict:
               if f not in varying and runs[0]["variant"].get(f) is not None}
     runs = sorted(runs, key=_run_order)
     variants = list(dict.fromkeys(r["variant_label"] for r in runs))
+    harness = sorted({k for r in runs for k in r if k.startswith("lm_eval/")})  # task=lm_eval's scores
+    for r in runs:
+        r.update({k: r.get(k) for k in harness})
     return {
         "title": "Variant comparison",
         "colors": {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(variants)},
@@ -30,7 +33,8 @@ def build_report(runs: list[dict], dirs) -> dict:
         "dirs": [str(d) for d in dirs],
         "runs": runs,
         "variant_columns": varying + (["seed"] if len({r["seed"] for r in runs}) > 1 else []),
-        "metric_columns": [(k, heading) for k, heading, _ in METRICS if any(r[k] is not None for r in runs)],
+        "metric_columns": [(k, heading) for k, heading, _ in METRICS if any(r[k] is not None for r in runs)]
+                          + [(k, k.removeprefix("lm_eval/").replace("/", " ")) for k in harness],
         "common": common,
         "effects": effects(runs),
         "not_finished": [r for r in runs if r["status"] != FINISHED],

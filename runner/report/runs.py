@@ -51,6 +51,10 @@ def load_run(path: Path) -> dict:
     }
     for key, _, where in METRICS:
         row[key] = _number(_dig(data, where))
+    for task, scores in ((data.get("metrics") or {}).get("lm_eval") or {}).items():  # task=lm_eval: one per metric
+        for name, value in scores.items():
+            if not name.endswith("_stderr"):
+                row[f"lm_eval/{task}/{name}"] = _number(value)
     if row["kv_cache_bytes_per_token"] is None:  # no benchmark: the model's own count, recorded by every task
         row["kv_cache_bytes_per_token"] = _number(data.get("kv_cache_bytes_per_token"))
         row["kv_estimated"] = row["kv_cache_bytes_per_token"] is not None
