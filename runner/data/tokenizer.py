@@ -49,6 +49,10 @@ class BPETokenizer(Tokenizer):
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.fingerprint = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
 
+    def __setstate__(self, state):  # a pickled `tokenizers.Tokenizer` (sent to a worker process) forgets the flag
+        self.__dict__.update(state)
+        self.tok.encode_special_tokens = True
+
     def encode_batch(self, texts):
         return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
 
