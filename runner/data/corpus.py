@@ -118,7 +118,6 @@ def load_corpus(data_cfg, cache_dir: str | os.PathLike) -> Corpus:
     if not counts["val"] and val_fraction > 0:
         raise ValueError(f"corpus {data_cfg.name!r} is too small to hold out a validation document "
                          f"({counts['train']} documents); add documents or set data.val_fraction=0")
-    meta["documents"] = counts
     return Corpus(data_cfg.name, h.hexdigest()[:16], [split_stream(r, val_fraction, held_out) for r in raw], meta)
 
 
@@ -194,9 +193,11 @@ def local_documents(data_cfg, cache_dir) -> Iterator[tuple[str, str]]:
     if fmt == "txt":
         yield from text_documents(files, data_cfg.get("txt_documents", "file"))
     elif fmt in ("jsonl", "parquet"):
-        # The same `datasets` code path as Hub datasets, with the local files as data_files.
+        # The same `datasets` code path as Hub datasets, with the local files as data_files; streamed, so a
+        # pass reads the files block by block (no Arrow copy of the corpus on disk, nothing of it held in memory).
         builder = {"jsonl": "json", "parquet": "parquet"}[fmt]
-        ds = load_hf_dataset(builder, None, "train", data_files=files, cache_dir=os.path.join(cache_dir, "hf_datasets"))
+        ds = load_hf_dataset(builder, None, "train", streaming=True, data_files=files,
+                             cache_dir=os.path.join(cache_dir, "hf_datasets"))
         yield from dataset_documents(ds, data_cfg.text_field, what=f"{fmt} files {files[:3]}")
     else:
         raise ValueError(f"data.format={fmt!r} is not a format; choose auto, txt, jsonl or parquet")

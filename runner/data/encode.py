@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-CHUNK_CHARS = 1 << 25   # characters of text per chunk (32M, ~8M tokens): bounds the working files and the
-WRITE_BATCH = 1000      # a stream read past max_tokens; documents per Arrow record batch
+CHUNK_CHARS = 1 << 25   # characters per chunk (32M, ~8M tokens): bounds the working files and how far past
+                        # max_tokens a stream is read
+WRITE_BATCH = 1000      # documents per Arrow record batch
 SPLIT_CODE = {"train": 0, "val": 1}
 
 
