@@ -89,9 +89,11 @@ class TokenSplit:
 
     def take(self, pos: np.ndarray) -> np.ndarray:
         """Stream tokens at global positions `pos` (any shape), as int64, from whichever shards hold them."""
+        if len(self.shards) == 1:
+            return self.shards[0][pos].astype(np.int64)
         out = np.empty(pos.shape, dtype=np.int64)
         shard = np.searchsorted(self.shard_starts, pos, side="right") - 1
-        for k in np.unique(shard):
+        for k in np.flatnonzero(np.bincount(shard.ravel(), minlength=len(self.shards))):
             m = shard == k
             out[m] = self.shards[k][pos[m] - self.shard_starts[k]]
         return out
