@@ -1,16 +1,20 @@
-"""The packed-document data pipeline: corpus -> tokenizer -> packed rows -> batches.
+"""The packed-document data pipeline: corpus -> tokenizer -> token stream on disk -> rows -> batches.
 
     data = build_data(cfg)                    # cfg: the composed config (cfg.data, cfg.tokenizer, cfg.cache_dir)
     loader = BatchLoader(data.train, batch_size=16, seed=0)
     batch = next(loader)                      # {"input_ids", "labels", "position_ids", "document_ids"}: (B, T) int64
     for batch in data.val_batches(16): ...    # every validation row once, in order
 
-Row conventions (labels, positions, document ids) are in runner/data/packing.py. Tokenized and packed splits are
-cached under `cache_dir/packed/` by corpus fingerprint, tokenizer fingerprint, seq_len and packing mode.
+Documents are streamed and tokenized in bounded chunks by `data.num_proc` worker processes
+(runner/data/encode.py) into one flat uint16/uint32 token stream per split plus document offsets, cached under
+`cache_dir/packed/` by corpus fingerprint, tokenizer fingerprint, seq_len and packing (runner/data/store.py);
+rows and their labels, positions and document ids are derived per batch (runner/data/packing.py).
 `python run.py task=data` is the data benchmark: a cold build in a fresh cache, then the cached load.
 """
 import hashlib
 import json
+import resource
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,17 +24,20 @@ import numpy as np
 import torch
 
 from runner.data.corpus import load_corpus
-from runner.data.packing import FIELDS, PACKING_MODES, PackedSplit, load_packed, pack, rows_needed, save_packed
+from runner.data.encode import tokenize_streams
+from runner.data.packing import PACKING_MODES, PackedSplit, TokenSplit, rows_needed
+from runner.data.store import SPLITS, SplitWriter, commit_entry, disk_bytes, load_entry, new_entry, token_dtype
 from runner.data.tokenizer import Tokenizer, build_tokenizer
 
-CACHE_VERSION = 1  # bump when the packed layout changes, so old cache entries are not reused
+CACHE_VERSION = 2  # bump when the cached layout changes, so old cache entries are not reused (2: token streams)
+VERIFY = ("size", "checksum")
 
 
 @dataclass
 class Data:
     tokenizer: Tokenizer
-    train: PackedSplit
-    val: PackedSplit
+    train: TokenSplit
+    val: TokenSplit
     stats: dict
 
     def val_batches(self, batch_size: int, max_batches: int | None = None):
@@ -43,10 +50,19 @@ def check_data_config(d) -> None:
         raise ValueError(f"data.seq_len={d.seq_len} must be >= 2: a row needs a token and its next-token target")
     if d.packing not in PACKING_MODES:
         raise ValueError(f"data.packing={d.packing!r} must be one of {PACKING_MODES}")
+    if int(d.get("num_proc", 1) or 0) < 1:
+        raise ValueError(f"data.num_proc={d.get('num_proc')} must be >= 1 (worker processes that tokenize)")
+    if d.get("max_tokens") is not None and d.max_tokens < 1:
+        raise ValueError(f"data.max_tokens={d.max_tokens} must be >= 1 or null")
+    if int(d.get("shard_tokens", 1) or 0) < 1:
+        raise ValueError(f"data.shard_tokens={d.get('shard_tokens')} must be >= 1")
+    if d.get("verify", "size") not in VERIFY:
+        raise ValueError(f"data.verify={d.get('verify')!r} must be one of {VERIFY}")
 
 
-def build_data(cfg, cache_dir=None, rebuild: bool | None = None) -> Data:
-    """Load the corpus, get the tokenizer (trained once), and pack both splits, or load them from the cache."""
+def build_data(cfg, cache_dir=None, rebuild: bool | None = None, num_proc: int | None = None) -> Data:
+    """Describe the corpus, get the tokenizer (trained once), and tokenize both splits into the cache, or load
+    them from it. `num_proc` overrides data.num_proc (the benchmark compares worker counts)."""
     started = time.perf_counter()
     d = cfg.data
     check_data_config(d)
@@ -55,48 +71,41 @@ def build_data(cfg, cache_dir=None, rebuild: bool | None = None) -> Data:
 
     corpus = load_corpus(d, cache_dir)
     corpus_s = time.perf_counter() - started
-    tokenizer, tok_info = build_tokenizer(cfg.tokenizer, corpus.train, corpus.fingerprint, cache_dir, rebuild)
+    tokenizer, tok_info = build_tokenizer(cfg.tokenizer, corpus.texts("train"), corpus.fingerprint, cache_dir, rebuild)
     tokenizer_s = time.perf_counter() - started - corpus_s
 
-    key = json.dumps([CACHE_VERSION, corpus.fingerprint, tokenizer.fingerprint, d.seq_len, d.packing])
+    key = json.dumps([CACHE_VERSION, corpus.fingerprint, tokenizer.fingerprint, d.seq_len, d.packing,
+                      d.get("max_tokens")])
     path = cache_dir / "packed" / f"{d.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    hit = None if rebuild else load_packed(path)
-    if hit is not None:
-        splits, meta = hit
+    checksums = d.get("verify", "size") == "checksum"
+    hit = None if rebuild else load_entry(path, CACHE_VERSION, checksums)
+    if hit is None:
+        write_entry(path, corpus, tokenizer, d, num_proc or int(d.get("num_proc", 1)))
+        meta, arrays = load_entry(path, CACHE_VERSION, checksums)
     else:
-        splits, meta = {}, {"tokenize_seconds": 0.0, "pack_seconds": 0.0}
-        for split, texts in (("train", corpus.train), ("val", corpus.val)):
-            t0 = time.perf_counter()
-            docs = tokenize(tokenizer, texts)
-            t1 = time.perf_counter()
-            splits[split] = pack(docs, tokenizer.eot_id, tokenizer.pad_id, d.seq_len, d.packing)
-            meta["tokenize_seconds"] += t1 - t0
-            meta["pack_seconds"] += time.perf_counter() - t1
-            lengths = [len(doc) + 1 for doc in docs]
-            meta[split] = {
-                "documents": len(docs), "tokens": int(sum(lengths)), "rows": len(splits[split]),
-                # what the other mode would cost, from the document lengths alone
-                "packing_efficiency_by_mode": {m: sum(lengths) / max(1, rows_needed(lengths, d.seq_len, m) * d.seq_len)
-                                               for m in PACKING_MODES},
-            }
-        save_packed(path, splits, meta)
+        meta, arrays = hit
+    splits = {s: TokenSplit(*arrays[s], d.seq_len, d.packing, tokenizer.pad_id) for s in SPLITS}
     seconds = time.perf_counter() - started
 
-    tokens = meta["train"]["tokens"] + meta["val"]["tokens"]
+    info = {s: split_info(splits[s], d.seq_len) for s in SPLITS}
+    tokens = info["train"]["tokens"] + info["val"]["tokens"]
+    on_disk = disk_bytes(meta)
     stats = {
         "corpus": corpus.name, **corpus.meta, "fingerprint": corpus.fingerprint,
         "tokenizer": {**tok_info, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
                       "fingerprint": tokenizer.fingerprint},
         "seq_len": d.seq_len, "packing": d.packing,
-        "documents": {s: meta[s]["documents"] for s in ("train", "val")},
-        "tokens": {s: meta[s]["tokens"] for s in ("train", "val")},
-        "rows": {s: meta[s]["rows"] for s in ("train", "val")},
-        "packing_efficiency": meta["train"]["packing_efficiency_by_mode"][d.packing],
-        "packing_efficiency_by_mode": {m: {s: meta[s]["packing_efficiency_by_mode"][m] for s in ("train", "val")}
+        "documents": {s: info[s]["documents"] for s in SPLITS},
+        "tokens": {s: info[s]["tokens"] for s in SPLITS},
+        "rows": {s: len(splits[s]) for s in SPLITS},
+        "packing_efficiency": info["train"]["packing_efficiency_by_mode"][d.packing],
+        "packing_efficiency_by_mode": {m: {s: info[s]["packing_efficiency_by_mode"][m] for s in SPLITS}
                                        for m in PACKING_MODES},
+        "token_dtype": meta["dtype"], "num_proc": meta["num_proc"], "shards": {s: len(arrays[s][0]) for s in SPLITS},
+        "disk_bytes": on_disk, "bytes_per_token": sum(on_disk.values()) / max(1, tokens),
         "cached": hit is not None,
         "seconds": {"corpus": corpus_s, "tokenizer": tokenizer_s, "tokenize": 0.0 if hit else meta["tokenize_seconds"],
-                    "pack": 0.0 if hit else meta["pack_seconds"], "total": seconds},
+                    "pack": 0.0, "total": seconds},
         "build_seconds": seconds,
         "tokens_per_s": tokens / seconds,
         "cache_path": str(path),
@@ -104,12 +113,41 @@ def build_data(cfg, cache_dir=None, rebuild: bool | None = None) -> Data:
     return Data(tokenizer, splits["train"], splits["val"], stats)
 
 
-def tokenize(tokenizer: Tokenizer, texts: list[str], chunk: int = 1024) -> list[list[int]]:
-    """Batch encoding (parallel inside `tokenizers`), in chunks so memory stays bounded on big corpora."""
-    out = []
-    for i in range(0, len(texts), chunk):
-        out += tokenizer.encode_batch(texts[i:i + chunk])
-    return out
+def write_entry(path: Path, corpus, tokenizer: Tokenizer, d, num_proc: int) -> None:
+    """Tokenize the corpus into a new cache entry at `path` (atomically: see store.commit_entry)."""
+    t0 = time.perf_counter()
+    tmp = new_entry(path)
+    try:
+        dtype = token_dtype(tokenizer.vocab_size)
+        shard_tokens = int(d.get("shard_tokens") or 2 ** 28)
+        writers = {s: SplitWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
+        tokenize_streams(corpus.streams, tokenizer, writers, tmp / "work", num_proc, d.get("max_tokens"))
+        shutil.rmtree(tmp / "work", ignore_errors=True)
+        splits = {s: w.close() for s, w in writers.items()}
+        if splits["train"]["documents"] == 0:
+            raise ValueError(f"corpus {corpus.name!r} gave no training document"
+                             + (f" within data.max_tokens={d.max_tokens}" if d.get("max_tokens") else ""))
+        meta = {"version": CACHE_VERSION, "dtype": dtype.name, "num_proc": num_proc, "splits": splits,
+                "tokenize_seconds": time.perf_counter() - t0}
+        commit_entry(tmp, path, meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def split_info(split: TokenSplit, seq_len: int) -> dict:
+    lengths = np.diff(np.asarray(split.offsets))  # (documents,): eot included
+    n = int(lengths.sum())
+    return {"documents": len(lengths), "tokens": n,
+            # what the other mode would cost, from the document lengths alone
+            "packing_efficiency_by_mode": {m: n / max(1, rows_needed(lengths, seq_len, m) * seq_len)
+                                           for m in PACKING_MODES}}
+
+
+def peak_rss_bytes() -> dict:
+    """Peak resident memory of this process and of its largest finished child (Linux reports KiB)."""
+    return {"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
 
 
 def to_batch(split: PackedSplit, index) -> dict[str, torch.Tensor]:
@@ -182,22 +220,30 @@ def iter_eval_batches(split: PackedSplit, batch_size: int, max_batches: int | No
 
 def main(cfg):
     """`python run.py task=data`: build the data cold (in a fresh cache directory, tokenizer training
-    included), load it again from that cache, print the corpus statistics and write data_stats.json."""
+    included) with one tokenizing process, tokenize again with N worker processes (data.num_proc, or every
+    core when it is 1), load the result from the cache and derive every row once; print the corpus
+    statistics and write data_stats.json."""
+    import os
+
     from runner.tracking import atomic_write_json, output_dir
 
     cache_root = Path(cfg.cache_dir)
     cache_root.mkdir(parents=True, exist_ok=True)
+    workers = int(cfg.data.get("num_proc", 1)) if int(cfg.data.get("num_proc", 1)) > 1 else max(2, os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(dir=cache_root, prefix="data-bench-") as fresh:
-        cold = build_data(cfg, cache_dir=fresh, rebuild=True).stats
+        cold = build_data(cfg, cache_dir=fresh, rebuild=True, num_proc=1).stats
+        shutil.rmtree(cold["cache_path"])  # keep the tokenizer, tokenize again
+        parallel = build_data(cfg, cache_dir=fresh, num_proc=workers).stats
         cached_data = build_data(cfg, cache_dir=fresh)
         cached = cached_data.stats
-        t0 = time.perf_counter()  # the memory map reads lazily: touch every row once for an honest figure
+        t0 = time.perf_counter()  # the memory map reads lazily: derive every row once, as training would
         for split in (cached_data.train, cached_data.val):
-            for name in FIELDS:
-                np.asarray(getattr(split, name)).sum()
+            for batch in iter_eval_batches(split, 1024):
+                batch["input_ids"].sum()
         cached["read_seconds"] = time.perf_counter() - t0
         del cached_data  # release the memory maps before the temporary cache is removed
-    stats = {**cold, "cache_path": None, "cold": summary(cold), "cached_load": summary(cached)}
+    stats = {**cold, "cache_path": None, "cold": summary(cold), "parallel": summary(parallel),
+             "cached_load": summary(cached), "peak_rss_bytes": peak_rss_bytes()}
     print(format_stats(stats))
     path = output_dir() / "data_stats.json"
     atomic_write_json(path, stats)
@@ -209,13 +255,14 @@ def summary(s: dict) -> dict:
     tokens = s["tokens"]["train"] + s["tokens"]["val"]
     tokenize_s = s["seconds"]["tokenize"] + s["seconds"]["pack"]
     return {"seconds": s["seconds"], "tokens_per_s": s["tokens_per_s"], "read_seconds": s.get("read_seconds"),
-            "tokenize_pack_tokens_per_s": tokens / tokenize_s if tokenize_s else None}
+            "num_proc": s["num_proc"], "tokenize_pack_tokens_per_s": tokens / tokenize_s if tokenize_s else None}
 
 
 def format_stats(s: dict) -> str:
     tok, eff = s["tokenizer"], s["packing_efficiency_by_mode"]
-    cold, cached = s["cold"], s["cached_load"]
+    cold, parallel, cached = s["cold"], s["parallel"], s["cached_load"]
     other = [m for m in PACKING_MODES if m != s["packing"]][0]
+    mib = 2 ** 20
     lines = [
         f"corpus {s['corpus']} ({s['source']}, Python {s['python_version']}, fingerprint {s['fingerprint']})",
         f"tokenizer {tok['kind']} (vocab {tok['vocab_size']}), seq_len {s['seq_len']}, packing {s['packing']}",
@@ -228,12 +275,17 @@ def format_stats(s: dict) -> str:
         f"{'packing efficiency':<28}{eff[s['packing']]['train']:>12.1%}{eff[s['packing']]['val']:>12.1%}"
         f"   (share of non-pad tokens)",
         f"{'  with packing=' + other:<28}{eff[other]['train']:>12.1%}{eff[other]['val']:>12.1%}",
+        f"{'on disk (bytes)':<28}{s['disk_bytes']['train']:>12,}{s['disk_bytes']['val']:>12,}"
+        f"   ({s['bytes_per_token']:.2f} bytes/token, {s['token_dtype']} ids + int64 document offsets)",
         "",
         f"cold build    {cold['seconds']['total']:7.2f} s  {cold['tokens_per_s']:>12,.0f} tokens/s   (corpus "
         f"{cold['seconds']['corpus']:.2f} s, tokenizer {cold['seconds']['tokenizer']:.2f} s, tokenize "
-        f"{cold['seconds']['tokenize']:.2f} s, pack {cold['seconds']['pack']:.2f} s; tokenize+pack "
-        f"{cold['tokenize_pack_tokens_per_s'] or 0:,.0f} tokens/s)",
+        f"{cold['seconds']['tokenize']:.2f} s = {cold['tokenize_pack_tokens_per_s'] or 0:,.0f} tokens/s with 1 process)",
+        f"tokenize      {parallel['seconds']['tokenize']:7.2f} s  {parallel['tokenize_pack_tokens_per_s'] or 0:>12,.0f}"
+        f" tokens/s   with {parallel['num_proc']} worker processes (data.num_proc)",
         f"cached load   {cached['seconds']['total']:7.2f} s  {cached['tokens_per_s']:>12,.0f} tokens/s   "
-        f"(memory-mapped; reading every row once takes {cached['read_seconds']:.3f} s more)",
+        f"(memory-mapped; deriving every row once takes {cached['read_seconds']:.3f} s more)",
+        f"peak memory   {s['peak_rss_bytes']['self'] / mib:7.0f} MiB resident (this process, imports included); "
+        f"largest worker {s['peak_rss_bytes']['children'] / mib:.0f} MiB",
     ]
     return "\n".join(lines) + "\n"

@@ -7,12 +7,14 @@ Three sources, chosen by `data.source`:
 
 The split is by document and never by position: a document's key (its relative path, or its record index)
 is hashed, so a document lands in the same split whatever else is in the corpus. The fingerprint hashes
-every key and text of both splits, so any change to the corpus changes every cache key built on it.
+every key and text (and the split rule), so any change to the corpus changes every cache key built on it.
+Documents are streamed, never held all at once: a Corpus is a recipe for fresh passes over them.
 """
 import glob
 import hashlib
 import io
 import itertools
+import json
 import os
 import platform
 import re
@@ -20,7 +22,7 @@ import sysconfig
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from omegaconf import OmegaConf
 
@@ -31,17 +33,30 @@ STDLIB_EXCLUDED_DIRS = ("test", "tests", "idle_test", "site-packages", "dist-pac
 
 @dataclass
 class Corpus:
+    """Documents read lazily: `documents()` starts a fresh pass over (split, key, text), so no pass holds more
+    than one document; `train`/`val` and their keys materialize lists (for tests and small corpora)."""
     name: str
-    train: list[str]
-    val: list[str]
     fingerprint: str
-    train_keys: list[str] = field(default_factory=list)  # a path or record index per document
-    val_keys: list[str] = field(default_factory=list)
+    streams: list[Callable[[], Iterator[tuple[str, str, str]]]]  # each call starts a fresh pass
     meta: dict = field(default_factory=dict)  # source, python_version, skipped empty documents, ...
+
+    def documents(self) -> Iterator[tuple[str, str, str]]:
+        for stream in self.streams:
+            yield from stream()
+
+    def texts(self, split: str) -> Iterator[str]:
+        return (text for s, _, text in self.documents() if s == split)
+
+    train = property(lambda self: list(self.texts("train")))
+    val = property(lambda self: list(self.texts("val")))
+    train_keys = property(lambda self: [k for s, k, _ in self.documents() if s == "train"])
+    val_keys = property(lambda self: [k for s, k, _ in self.documents() if s == "val"])
 
 
 def load_corpus(data_cfg, cache_dir: str | os.PathLike) -> Corpus:
-    """Read the documents `data_cfg` names and split them. Raises before anything is tokenized."""
+    """Describe the documents `data_cfg` names and how they split. Reads the corpus once (to count, check and
+    fingerprint it) without keeping it; raises before anything is tokenized. A streamed Hub dataset is not
+    read here: its fingerprint is its name, revision and caps."""
     source = data_cfg.source
     max_docs = data_cfg.get("max_documents")
     if max_docs is not None and max_docs < 1:
@@ -51,68 +66,85 @@ def load_corpus(data_cfg, cache_dir: str | os.PathLike) -> Corpus:
         raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
 
     meta = {"source": source, "python_version": platform.python_version()}
-    skipped = []  # keys of empty documents: skipped before max_documents counts, so the cap counts real ones
-    val = None    # a Hub dataset may bring its own validation split
+    skipped = {"n": 0}  # empty documents: skipped before max_documents counts, so the cap counts real ones
     if source == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
-        train = list(itertools.islice(non_empty(stdlib_documents(root), skipped), max_docs))
+        raw = [(None, lambda: itertools.islice(non_empty(stdlib_documents(root), skipped), max_docs))]
         meta["root"] = str(root)
     elif source == "hub":
-        train, val = hub_documents(data_cfg, skipped)
+        raw = hub_streams(data_cfg, skipped)  # a Hub dataset may bring its own validation split
         meta.update(dataset=data_cfg.dataset, config_name=data_cfg.get("config_name"))
     elif source == "local":
-        train = list(itertools.islice(non_empty(local_documents(data_cfg, cache_dir), skipped), max_docs))
+        raw = [(None, lambda: itertools.islice(non_empty(local_documents(data_cfg, cache_dir), skipped), max_docs))]
     else:
         raise ValueError(f"data.source={source!r} is not a source; choose stdlib, hub or local")
-    if val is None:
-        train, val = split_by_key(train, val_fraction)
 
-    meta["skipped_empty_documents"] = len(skipped)
-    if not train and not val:
-        raise ValueError(f"corpus {data_cfg.name!r} has no non-empty documents ({len(skipped)} empty ones skipped)")
-    if not train:
+    if source == "hub" and data_cfg.get("streaming", False):
+        spec = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in data_cfg.items()
+                if k not in ("seq_len", "packing", "rebuild", "num_proc", "verify", "shard_tokens", "name")}
+        meta["skipped_empty_documents"] = None  # unknown until read
+        for split, docs in raw:  # only the first document of each: a wrong text_field fails here, not later
+            if next(iter(docs()), None) is None and split != "val":
+                raise ValueError(f"corpus {data_cfg.name!r} has no non-empty training documents")
+        fp = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return Corpus(data_cfg.name, fp, [split_stream(r, val_fraction, None) for r in raw], meta)
+
+    # One pass: count each split, find the held-out fallback, hash every key and text.
+    h, counts, lowest = hashlib.sha256(), {"train": 0, "val": 0}, None
+    for i, (split, docs) in enumerate(raw):
+        for key, text in docs():
+            data = text.encode("utf-8", "surrogatepass")
+            h.update(f"{i}\0{key}\0{len(data)}\0".encode())
+            h.update(data)
+            score = key_score(key)
+            counts[split or ("val" if score < val_fraction else "train")] += 1
+            if split is None and (lowest is None or score < lowest[0]):
+                lowest = (score, key)
+    held_out = None
+    if raw[0][0] is None and val_fraction > 0 and counts["val"] == 0 and counts["train"] >= 2:
+        # A small corpus can draw no validation document at all; hold out the one with the lowest hash
+        # (deterministic, and still chosen by key, not by position).
+        held_out = lowest[1]
+        counts = {"train": counts["train"] - 1, "val": 1}
+    h.update(json.dumps([val_fraction, held_out]).encode())
+
+    meta["skipped_empty_documents"] = skipped["n"]
+    if not counts["train"] and not counts["val"]:
+        raise ValueError(f"corpus {data_cfg.name!r} has no non-empty documents ({skipped['n']} empty ones skipped)")
+    if not counts["train"]:
         raise ValueError(f"corpus {data_cfg.name!r} has no training documents; lower data.val_fraction")
-    if not val and data_cfg.get("val_split"):
+    if not counts["val"] and data_cfg.get("val_split"):
         raise ValueError(f"data.val_split={data_cfg.val_split!r} of {data_cfg.name!r} has no non-empty documents")
-    if not val and val_fraction > 0:
+    if not counts["val"] and val_fraction > 0:
         raise ValueError(f"corpus {data_cfg.name!r} is too small to hold out a validation document "
-                         f"({len(train)} documents); add documents or set data.val_fraction=0")
-    return Corpus(data_cfg.name, [t for _, t in train], [t for _, t in val], fingerprint(train, val),
-                  [k for k, _ in train], [k for k, _ in val], meta)
+                         f"({counts['train']} documents); add documents or set data.val_fraction=0")
+    return Corpus(data_cfg.name, h.hexdigest()[:16], [split_stream(r, val_fraction, held_out) for r in raw], meta)
 
 
-def non_empty(docs: Iterable[tuple[str, str]], skipped: list) -> Iterator[tuple[str, str]]:
-    """Documents with at least one non-blank character; the keys of the others are appended to `skipped`."""
+def non_empty(docs: Iterable[tuple[str, str]], skipped: dict) -> Iterator[tuple[str, str]]:
+    """Documents with at least one non-blank character; the others are counted in skipped["n"]."""
     for key, text in docs:
         if text.strip():
             yield key, text
         else:
-            skipped.append(key)
+            skipped["n"] += 1
 
 
-def split_by_key(docs: list[tuple[str, str]], val_fraction: float):
-    """Validation = documents whose key hashes below val_fraction; order within each split is kept."""
-    def u(key):  # a uniform number in [0, 1) that depends on the key only
-        return int(hashlib.sha1(key.encode()).hexdigest()[:13], 16) / 16 ** 13
-    scores = [u(key) for key, _ in docs]
-    train = [d for d, s in zip(docs, scores) if s >= val_fraction]
-    val = [d for d, s in zip(docs, scores) if s < val_fraction]
-    if val_fraction > 0 and not val and len(docs) >= 2:
-        # A small corpus can draw no validation document at all; hold out the one with the lowest hash
-        # (deterministic, and still chosen by key, not by position).
-        lowest = min(range(len(docs)), key=scores.__getitem__)
-        val, train = [docs[lowest]], docs[:lowest] + docs[lowest + 1:]
-    return train, val
+def key_score(key: str) -> float:
+    """A uniform number in [0, 1) that depends on the key only."""
+    return int(hashlib.sha1(key.encode()).hexdigest()[:13], 16) / 16 ** 13
 
 
-def fingerprint(train: list[tuple[str, str]], val: list[tuple[str, str]]) -> str:
-    h = hashlib.sha256()
-    for split, docs in (("train", train), ("val", val)):
-        for key, text in docs:
-            data = text.encode("utf-8", "surrogatepass")
-            h.update(f"{split}\0{key}\0{len(data)}\0".encode())
-            h.update(data)
-    return h.hexdigest()[:16]
+def split_stream(raw, val_fraction: float, held_out: str | None):
+    """(split, key, text) documents of a raw (split or None, documents) stream; None = split by key:
+    validation = documents whose key hashes below val_fraction, plus `held_out`; order is kept."""
+    split, docs = raw
+
+    def stream():
+        for key, text in docs():
+            s = split or ("val" if key_score(key) < val_fraction or key == held_out else "train")
+            yield s, key, text
+    return stream
 
 
 # ---------------------------------------------------------------------------------------------------- stdlib
@@ -161,9 +193,11 @@ def local_documents(data_cfg, cache_dir) -> Iterator[tuple[str, str]]:
     if fmt == "txt":
         yield from text_documents(files, data_cfg.get("txt_documents", "file"))
     elif fmt in ("jsonl", "parquet"):
-        # The same `datasets` code path as Hub datasets, with the local files as data_files.
+        # The same `datasets` code path as Hub datasets, with the local files as data_files; streamed, so a
+        # pass reads the files block by block (no Arrow copy of the corpus on disk, nothing of it held in memory).
         builder = {"jsonl": "json", "parquet": "parquet"}[fmt]
-        ds = load_hf_dataset(builder, None, "train", data_files=files, cache_dir=os.path.join(cache_dir, "hf_datasets"))
+        ds = load_hf_dataset(builder, None, "train", streaming=True, data_files=files,
+                             cache_dir=os.path.join(cache_dir, "hf_datasets"))
         yield from dataset_documents(ds, data_cfg.text_field, what=f"{fmt} files {files[:3]}")
     else:
         raise ValueError(f"data.format={fmt!r} is not a format; choose auto, txt, jsonl or parquet")
@@ -193,27 +227,31 @@ def text_documents(files: list[str], unit: str) -> Iterator[tuple[str, str]]:
 
 # ---------------------------------------------------------------------------------------------------- Hub
 
-def hub_documents(data_cfg, skipped: list):
-    """(train documents, validation documents or None) from a Hub dataset; None = split by key."""
+def hub_streams(data_cfg, skipped: dict):
+    """[(split or None, documents)] of a Hub dataset: its train split, and its validation split when it has
+    one (None: validation is split off by key)."""
     data_files = data_cfg.get("data_files")
     if OmegaConf.is_config(data_files):  # datasets wants a plain str, list or dict
         data_files = OmegaConf.to_container(data_files)
+    if data_cfg.get("documents", "records") not in ("records", "wikitext_articles"):
+        raise ValueError(f"data.documents={data_cfg.documents!r} must be records or wikitext_articles")
 
-    def load(split, limit):
-        ds = load_hf_dataset(data_cfg.dataset, data_cfg.get("config_name"), split,
-                             streaming=data_cfg.get("streaming", False), revision=data_cfg.get("revision"),
-                             data_files=data_files)
-        docs = dataset_documents(ds, data_cfg.text_field, what=f"{data_cfg.dataset}[{split}]", prefix=f"{split}/")
-        if data_cfg.get("documents", "records") == "wikitext_articles":
-            docs = wikitext_articles(docs)
-        elif data_cfg.get("documents", "records") != "records":
-            raise ValueError(f"data.documents={data_cfg.documents!r} must be records or wikitext_articles")
-        return list(with_hub_errors(itertools.islice(non_empty(docs, skipped), limit), data_cfg.dataset))
+    def stream(split, limit):
+        def docs():
+            ds = load_hf_dataset(data_cfg.dataset, data_cfg.get("config_name"), split,
+                                 streaming=data_cfg.get("streaming", False), revision=data_cfg.get("revision"),
+                                 data_files=data_files)
+            docs = dataset_documents(ds, data_cfg.text_field, what=f"{data_cfg.dataset}[{split}]", prefix=f"{split}/")
+            if data_cfg.get("documents", "records") == "wikitext_articles":
+                docs = wikitext_articles(docs)
+            return with_hub_errors(itertools.islice(non_empty(docs, skipped), limit), data_cfg.dataset)
+        return docs
 
-    train = load(data_cfg.split, data_cfg.get("max_documents"))
     val_split = data_cfg.get("val_split")
-    val = load(val_split, data_cfg.get("max_val_documents")) if val_split else None
-    return train, val
+    streams = [("train" if val_split else None, stream(data_cfg.split, data_cfg.get("max_documents")))]
+    if val_split:
+        streams.append(("val", stream(val_split, data_cfg.get("max_val_documents"))))
+    return streams
 
 
 def load_hf_dataset(path, config_name, split, streaming=False, revision=None, data_files=None, cache_dir=None):

@@ -1,6 +1,7 @@
-"""Packing tokenized documents into rows of seq_len, and the on-disk cache of the result.
+"""Rows of seq_len derived from one flat token stream plus document offsets, and their conventions.
 
-Conventions (every row of every split):
+A split is stored as one stream of token ids (each document followed by its end-of-text token) and the
+offsets where documents start (runner/data/store.py). The four arrays of a row are computed per batch:
   input_ids     each document's tokens followed by its end-of-text token; the eot belongs to the document
                 before it. `packing=documents` concatenates documents and cuts the stream every seq_len tokens,
                 so a long document continues in the next row; `packing=none` starts every document on a new
@@ -14,13 +15,8 @@ Conventions (every row of every split):
   document_ids  the document's index in the split (0, 1, ...); it changes exactly after each eot, and is the
                 same in both rows a long document spans. Padding is -1.
 """
-import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -32,7 +28,8 @@ PAD_DOC = -1
 
 @dataclass
 class PackedSplit:
-    """Four int64 arrays of shape (N, seq_len); memory-mapped when loaded from the cache."""
+    """Four int64 arrays of shape (N, seq_len) held in memory: a hand-made split (tests); the pipeline's
+    splits are TokenSplits, which offer the same len / seq_len / rows / efficiency."""
     input_ids: np.ndarray
     labels: np.ndarray
     position_ids: np.ndarray
@@ -53,56 +50,99 @@ class PackedSplit:
         return float((self.document_ids >= 0).mean()) if len(self) else 0.0
 
 
-def pack(docs: list[list[int]], eot_id: int, pad_id: int, seq_len: int, packing: str = "documents") -> PackedSplit:
-    """Lay documents (token id lists, no separators) out in rows; see the module docstring for conventions."""
-    if seq_len < 2:
-        raise ValueError(f"data.seq_len={seq_len} must be >= 2: a row needs a token and its next-token target")
-    if packing not in PACKING_MODES:
-        raise ValueError(f"data.packing={packing!r} must be one of {PACKING_MODES}")
-    T = seq_len
+class TokenSplit:
+    """A split as a flat token stream (one array, or shards read as one) and document offsets; rows of
+    seq_len are derived on demand, so memory holds a batch, never the split's (N, seq_len) arrays.
+
+    offsets: (documents + 1,) int64; document d is stream[offsets[d]:offsets[d + 1]], its eot included.
+    """
+
+    def __init__(self, shards, offsets, seq_len: int, packing: str, pad_id: int):
+        if seq_len < 2:
+            raise ValueError(f"data.seq_len={seq_len} must be >= 2: a row needs a token and its next-token target")
+        if packing not in PACKING_MODES:
+            raise ValueError(f"data.packing={packing!r} must be one of {PACKING_MODES}")
+        self.shards = [s for s in shards if len(s)]
+        self.shard_starts = np.cumsum([0] + [len(s) for s in self.shards])  # (shards + 1,)
+        self.offsets = offsets
+        self.n_tokens = int(offsets[-1])
+        if self.n_tokens != int(self.shard_starts[-1]):
+            raise ValueError(f"the offsets index ends at {self.n_tokens} tokens, the shards hold {self.shard_starts[-1]}")
+        self.packing, self.pad_id, self._seq_len = packing, pad_id, seq_len
+        if packing == "documents":
+            self.n_rows = math.ceil(self.n_tokens / seq_len)
+        else:  # each document starts a row: the first row of each, from the lengths (O(documents) memory)
+            doc_rows = -(-np.diff(np.asarray(offsets, dtype=np.int64)) // seq_len)
+            self.first_row = np.cumsum(doc_rows) - doc_rows
+            self.n_rows = int(doc_rows.sum())
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    @property
+    def seq_len(self) -> int:
+        return self._seq_len
+
+    def efficiency(self) -> float:
+        """The share of slots that hold a real token (a document's token or its eot), not padding."""
+        return self.n_tokens / (self.n_rows * self.seq_len) if self.n_rows else 0.0
+
+    def take(self, pos: np.ndarray) -> np.ndarray:
+        """Stream tokens at global positions `pos` (any shape), as int64, from whichever shards hold them."""
+        if len(self.shards) == 1:
+            return self.shards[0][pos].astype(np.int64)
+        out = np.empty(pos.shape, dtype=np.int64)
+        shard = np.searchsorted(self.shard_starts, pos, side="right") - 1
+        for k in np.flatnonzero(np.bincount(shard.ravel(), minlength=len(self.shards))):
+            m = shard == k
+            out[m] = self.shards[k][pos[m] - self.shard_starts[k]]
+        return out
+
+    def rows(self, index) -> dict[str, np.ndarray]:
+        """The four (len(index), seq_len) int64 arrays of these rows (an int gives (seq_len,) arrays)."""
+        scalar = np.ndim(index) == 0 and not isinstance(index, slice)
+        if isinstance(index, slice):
+            r = np.arange(*index.indices(len(self)), dtype=np.int64)
+        else:
+            r = np.atleast_1d(np.asarray(index, dtype=np.int64))
+            r = np.where(r < 0, r + len(self), r)
+            if r.size and (r.min() < 0 or r.max() >= len(self)):
+                raise IndexError(f"row index out of range for a split of {len(self)} rows")
+        T, offsets = self.seq_len, self.offsets
+        if self.packing == "documents":  # row r is the stream's slots [r*T, r*T + T)
+            start = r * T
+            end = np.minimum(start + T, self.n_tokens)
+        else:  # row r is piece k of document d
+            d = np.searchsorted(self.first_row, r, side="right") - 1
+            start = offsets[d] + (r - self.first_row[d]) * T
+            end = np.minimum(start + T, offsets[d + 1])
+        s = start[:, None] + np.arange(T + 1)                  # (B, T + 1): the slots and one more for labels
+        real = s[:, :T] < end[:, None]                           # (B, T)
+        g = self.take(np.minimum(s, max(self.n_tokens - 1, 0))) if self.n_tokens else np.zeros(s.shape, np.int64)
+        doc = np.searchsorted(offsets, s[:, :T], side="right") - 1  # (B, T), wrong on padding: masked below
+        doc = np.minimum(doc, len(offsets) - 2)
+        doc_start, doc_end = offsets[doc], offsets[doc + 1]
+        input_ids = np.where(real, g[:, :T], self.pad_id)
+        labels = np.where(real & (s[:, 1:] < doc_end), g[:, 1:], IGNORE)  # the eot's next slot is another document
+        position_ids = np.where(real, s[:, :T] - np.maximum(doc_start, start[:, None]), 0)
+        document_ids = np.where(real, doc, PAD_DOC)
+        out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "document_ids": document_ids}
+        return {k: v[0] for k, v in out.items()} if scalar else out
+
+    # The whole split's arrays, materialized: for tests and small corpora only (training reads rows()).
+    input_ids = property(lambda self: self.rows(slice(None))["input_ids"])
+    labels = property(lambda self: self.rows(slice(None))["labels"])
+    position_ids = property(lambda self: self.rows(slice(None))["position_ids"])
+    document_ids = property(lambda self: self.rows(slice(None))["document_ids"])
+
+
+def pack(docs: list[list[int]], eot_id: int, pad_id: int, seq_len: int, packing: str = "documents") -> TokenSplit:
+    """Documents (token id lists, no separators) as an in-memory TokenSplit; see the module docstring."""
     lengths = np.array([len(d) + 1 for d in docs], dtype=np.int64)  # + 1: the eot
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    n = int(ends[-1]) if len(docs) else 0
-    stream = np.empty(n, dtype=np.int64)
-    is_eot = np.zeros(n, dtype=bool)
-    is_eot[ends - 1] = True
-    stream[~is_eot] = np.concatenate([np.asarray(d, dtype=np.int64) for d in docs]) if n else []
-    stream[is_eot] = eot_id
-    doc_of = np.repeat(np.arange(len(docs), dtype=np.int64), lengths)
-
-    # Where each stream token sits in the flat (rows * T) grid.
-    if packing == "documents":
-        slot = np.arange(n, dtype=np.int64)
-        n_rows = math.ceil(n / T)
-    else:
-        doc_rows = -(-lengths // T)  # ceil
-        first_row = np.cumsum(doc_rows) - doc_rows
-        slot = first_row[doc_of] * T + (np.arange(n, dtype=np.int64) - starts[doc_of])
-        n_rows = int(doc_rows.sum())
-
-    size = n_rows * T
-    input_ids = np.full(size, pad_id, dtype=np.int64)
-    document_ids = np.full(size, PAD_DOC, dtype=np.int64)
-    input_ids[slot] = stream
-    document_ids[slot] = doc_of
-
-    # A label is the next slot's token when that slot holds the same document; the eot is followed by
-    # another document or by padding, so it is masked by the same rule.
-    labels = np.full(size, IGNORE, dtype=np.int64)
-    same = (document_ids[1:] == document_ids[:-1]) & (document_ids[:-1] >= 0)
-    labels[:-1][same] = input_ids[1:][same]
-
-    # Positions count from the last run start: a new document or a new row.
-    idx = np.arange(size, dtype=np.int64)
-    run_start = (idx % T == 0)
-    run_start[1:] |= document_ids[1:] != document_ids[:-1]
-    position_ids = idx - np.maximum.accumulate(np.where(run_start, idx, 0))
-    position_ids[document_ids == PAD_DOC] = 0
-
-    shape = (n_rows, T)
-    return PackedSplit(input_ids.reshape(shape), labels.reshape(shape), position_ids.reshape(shape),
-                       document_ids.reshape(shape))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    stream = np.concatenate([np.append(np.asarray(d, dtype=np.int64), eot_id) for d in docs]) if docs else \
+        np.zeros(0, dtype=np.int64)
+    return TokenSplit([stream], offsets, seq_len, packing, pad_id)
 
 
 def rows_needed(lengths, seq_len: int, packing: str) -> int:
@@ -111,37 +151,3 @@ def rows_needed(lengths, seq_len: int, packing: str) -> int:
     if packing == "documents":
         return math.ceil(int(lengths.sum()) / seq_len)
     return int((-(-lengths // seq_len)).sum())
-
-
-# ---------------------------------------------------------------------------------------------------- cache
-
-def save_packed(path: Path, splits: dict[str, PackedSplit], meta: dict) -> None:
-    """Write every split's arrays as .npy plus meta.json, into a temporary directory renamed at the end, so
-    a reader (or a concurrent sweep job building the same entry) never sees a half-written cache entry."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp_{path.name}_"))
-    try:
-        for split, packed in splits.items():
-            for name in FIELDS:
-                np.save(tmp / f"{split}.{name}.npy", getattr(packed, name))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if path.exists():  # data.rebuild=true: replace the old entry (open memmaps keep their files)
-            shutil.rmtree(path, ignore_errors=True)
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another process finished the same entry first; theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def load_packed(path: Path, splits=("train", "val")) -> tuple[dict[str, PackedSplit], dict] | None:
-    """The cached splits, memory-mapped (reading is lazy, so this takes milliseconds); None on a miss."""
-    path = Path(path)
-    if not (path / "meta.json").exists():
-        return None
-    meta = json.loads((path / "meta.json").read_text())
-    loaded = {s: PackedSplit(**{n: np.load(path / f"{s}.{n}.npy", mmap_mode="r") for n in FIELDS}) for s in splits}
-    return loaded, meta

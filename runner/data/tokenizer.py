@@ -14,6 +14,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterable
 
 EOT = "<|endoftext|>"
 N_BYTES = 256  # a byte-level BPE starts from all 256 byte symbols
@@ -48,6 +49,10 @@ class BPETokenizer(Tokenizer):
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.fingerprint = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
 
+    def __setstate__(self, state):  # a pickled `tokenizers.Tokenizer` (sent to a worker process) forgets the flag
+        self.__dict__.update(state)
+        self.tok.encode_special_tokens = True
+
     def encode_batch(self, texts):
         return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
 
@@ -80,8 +85,9 @@ class HFTokenizer(Tokenizer):
         return self.tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def build_tokenizer(tok_cfg, train_texts: list[str], corpus_fingerprint: str, cache_dir, rebuild=False):
-    """The tokenizer `tok_cfg` describes; returns (tokenizer, info) where info says what it cost."""
+def build_tokenizer(tok_cfg, train_texts: Iterable[str], corpus_fingerprint: str, cache_dir, rebuild=False):
+    """The tokenizer `tok_cfg` describes; returns (tokenizer, info) where info says what it cost. A BPE reads
+    `train_texts` (a lazy iterable) only when it has to be trained, and then at most train_max_chars of it."""
     if tok_cfg.kind == "bpe":
         return bpe_tokenizer(tok_cfg, train_texts, corpus_fingerprint, cache_dir, rebuild)
     if tok_cfg.kind == "hf":
@@ -127,14 +133,19 @@ def train_bpe(texts, vocab_size, specials, min_frequency=2, max_chars=None):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    # Cap the training text on big corpora: merges converge long before the last gigabyte.
-    used, chars = [], 0
-    for text in texts:
-        if max_chars is not None and chars >= max_chars:
-            break
-        used.append(text if max_chars is None else text[:max_chars - chars])
-        chars += len(used[-1])
-    tok.train_from_iterator(used, trainer)
+    # Cap the training text on big corpora: merges converge long before the last gigabyte. The sample is
+    # streamed into the trainer, which counts words batch by batch; the stream is not read past the cap.
+    chars = 0
+
+    def sample():
+        nonlocal chars
+        for text in texts:
+            if max_chars is not None and chars >= max_chars:
+                return
+            piece = text if max_chars is None else text[:max_chars - chars]
+            chars += len(piece)
+            yield piece
+    tok.train_from_iterator(sample(), trainer)
     return tok, chars
 
 
