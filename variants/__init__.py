@@ -19,5 +19,6 @@ __all__ = [
     "TransformerLM", "Attention", "KERNELS", "PreNormBlock", "PostNormBlock", "KVCache", "MLP", "GatedMLP",
     "gated_hidden_dim", "AttentionContext", "Causal", "SlidingWindow", "StridedSparse", "LayerNorm", "RMSNorm",
     "NoPosition", "LearnedPosition", "SinusoidalPosition", "RoPE", "LinearScaling", "LongRoPEScaling",
-    "apply_rotary", "positions_from_documents", "ALiBi", "ALiBiBias", "SoftCap", "alibi_slopes", "DyT", "OLMo2Block", "MoE", "MultiHeadLatentAttention",
+    "apply_rotary", "positions_from_documents", "ALiBi", "ALiBiBias", "SoftCap", "alibi_slopes", "DyT", "OLMo2Block",
+    "MoE", "MultiHeadLatentAttention",
 ]

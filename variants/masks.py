@@ -87,7 +87,8 @@ class AttentionContext:
         """FlexAttention score_mod(score, b, h, q_idx, kv_idx) applying `mods` in order; None for none."""
         if not mods:
             return None
-        fns, offset = [self.cached(("score", mod), lambda mod=mod: mod.build(self.device)) for mod in mods], self.q_offset
+        fns = [self.cached(("score", mod), lambda mod=mod: mod.build(self.device)) for mod in mods]
+        offset = self.q_offset
 
         def score_mod(score, b, h, q_idx, kv_idx):
             for fn in fns:

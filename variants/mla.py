@@ -20,6 +20,7 @@ from torch import nn
 from .attention import KERNELS
 from .masks import AttentionContext, Causal, SlidingWindow
 from .position import apply_rotary
+from .scores import SoftCap
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -37,7 +38,6 @@ class MultiHeadLatentAttention(nn.Module):
                  window: int | None = None, pattern=None, bias: bool = False, softcap: float | None = None,
                  qk_norm: bool = False):
         super().__init__()
-        from .scores import SoftCap
         head_dim = head_dim or d_model // n_heads
         rope_head_dim = rope_head_dim or head_dim
         if kv_lora_rank < 1 or rope_head_dim % 2:
@@ -50,7 +50,8 @@ class MultiHeadLatentAttention(nn.Module):
         if pattern is not None and window is not None:
             raise ValueError("set either model.attention.window or a per-layer attention schedule, not both")
         self.pattern = pattern if pattern is not None else (SlidingWindow(window) if window is not None else Causal())
-        self.n_heads, self.head_dim, self.rope_head_dim, self.kv_lora_rank = n_heads, head_dim, rope_head_dim, kv_lora_rank
+        self.n_heads, self.head_dim, self.rope_head_dim = n_heads, head_dim, rope_head_dim
+        self.kv_lora_rank = kv_lora_rank
         self.n_kv_heads, self.kernel = n_heads, kernel  # every head's keys are distinct (what the cache holds is not)
         self.q_proj = nn.Linear(d_model, n_heads * (head_dim + rope_head_dim), bias=bias)
         self.kv_down = nn.Linear(d_model, kv_lora_rank, bias=bias)  # W_dkv

@@ -7,6 +7,8 @@ auxiliary loss (Fedus et al. 2022, eq. 4): n_experts * sum_e f_e * P_e, with f_e
 assignments that went to expert e and P_e its mean router probability; it is minimal (1) when both are
 uniform. With `capacity_factor` set, an expert takes at most ceil(capacity_factor * tokens * k / n_experts)
 tokens per call, in token order; the rest are dropped (that expert adds nothing for them) and counted.
+Capacity makes a token's output depend on the other tokens of the call, later ones included, so it is not
+causal and a KV-cached decode differs from the full forward: leave it null for language modelling runs.
 """
 import math
 
@@ -41,7 +43,8 @@ class MoE(nn.Module):
         # default: the dense SwiGLU's hidden size split over the k active experts (fine-grained experts,
         # DeepSeekMoE), so a token uses as many parameters as in the dense FFN, plus the router
         hidden_dim = hidden_dim or -(-gated_hidden_dim(d_model, multiple_of) // top_k)
-        self.n_experts, self.top_k, self.capacity_factor, self.aux_loss_coef = n_experts, top_k, capacity_factor, aux_loss_coef
+        self.n_experts, self.top_k = n_experts, top_k
+        self.capacity_factor, self.aux_loss_coef = capacity_factor, aux_loss_coef
         self.router = nn.Linear(d_model, n_experts, bias=False)
         self.experts = nn.ModuleList(GatedMLP(d_model, hidden_dim, activation, bias=bias) for _ in range(n_experts))
         self.shared = GatedMLP(d_model, hidden_dim, activation, bias=bias) if shared_expert else None
