@@ -58,7 +58,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def record_model(results, model) -> None:
     """The model's sizes in the run's record, read from the model itself (a checkpoint has its own)."""
-    results.update(params=model.num_params(), params_non_embedding=model.num_params(exclude_embeddings=True),
+    results.update(params=model.num_params(), params_active=model.num_params(active=True),
+                   params_non_embedding=model.num_params(exclude_embeddings=True),
                    kv_cache_bytes_per_token=model.kv_cache_bytes_per_token(next(model.parameters()).dtype))
 
 

@@ -43,3 +43,10 @@ def batch_loss(model, batch: dict, reduction: str = "mean", dtype: torch.dtype |
     """next_token_loss on a packed batch (input_ids, labels, position_ids, document_ids)."""
     return next_token_loss(model, batch["input_ids"], batch["labels"], batch.get("position_ids"),
                            batch.get("document_ids"), reduction=reduction, dtype=dtype)
+
+
+def aux_loss(model):
+    """Sum of the auxiliary losses the model's parts recorded in their last forward (a mixture of experts'
+    load balancing), or None when it has none; found by walking the modules, so a wrapped model works too."""
+    losses = [m.last_aux_loss for m in model.modules() if getattr(m, "last_aux_loss", None) is not None]
+    return sum(losses) if losses else None

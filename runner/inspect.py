@@ -55,8 +55,9 @@ def hidden_shapes(model, input_ids) -> tuple[list[dict], torch.Tensor]:
     attn = model.attention_modules()[0]
     targets = [("embed", model.embed, ""),
                ("block 0 q_proj", attn.q_proj, f"{attn.n_heads} heads x head_dim {attn.head_dim}"),
-               ("block 0 k_proj", attn.k_proj, f"{attn.n_kv_heads} KV heads x head_dim {attn.head_dim}"),
-               ("block 0 v_proj", attn.v_proj, f"{attn.n_kv_heads} KV heads x head_dim {attn.head_dim}")]
+               ("block 0 k_proj", getattr(attn, "k_proj", None), f"{attn.n_kv_heads} KV heads x head_dim {attn.head_dim}"),
+               ("block 0 v_proj", getattr(attn, "v_proj", None), f"{attn.n_kv_heads} KV heads x head_dim {attn.head_dim}")]
+    targets = [t for t in targets if t[1] is not None]  # MLA has a latent in place of k_proj/v_proj
     targets += [(f"block {i}", block, "residual stream") for i, block in enumerate(model.blocks)]
     targets += [("final norm", model.norm, ""), ("logits", model.lm_head, "one score per vocabulary entry")]
     for name, module, note in targets:
@@ -74,7 +75,7 @@ def kv_cache_report(model, prompt_len: int, dtype=None) -> dict:
     dtype = dtype or model.embed.weight.dtype
     item = torch.empty((), dtype=dtype).element_size()
     L, kv, H, hd = model.n_layers, model.n_kv_heads, model.n_heads, model.head_dim
-    per_token = 2 * L * kv * hd * item  # K and V, every layer
+    per_token = L * sum(h * d for h, d in model.cache_layout().values()) * item  # K and V (or MLA's latent), every layer
     full = per_token * model.max_seq_len
     small = model.allocate_cache(1, prompt_len, dtype=dtype)
     report = {

@@ -23,7 +23,7 @@ from runner import distributed
 from runner.build import build_model, check_model_config, record_model
 from runner.checkpoint import (RESUME_KEYS, latest_checkpoint, load_latest_readable, rng_state, save_checkpoint,
                                set_rng_state)
-from runner.compute import autocast_dtype, batch_loss
+from runner.compute import autocast_dtype, aux_loss, batch_loss
 from runner.evaluate import evaluate, require_checkpoint_tokenizer
 from runner.task import Interrupted, StopSignal, task_run
 from runner.formatting import format_bytes
@@ -217,13 +217,18 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches. Returns (the step's mean loss, the gradient norm
         before clipping, whether any rank has been signalled to stop)."""
         t, dist, device = self.t, self.dist, self.device
-        loss_sum = torch.zeros((), device=device)
+        loss_sum, aux_sum = torch.zeros((), device=device), None
         for a, loader in enumerate(self.loaders):
             batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
             with distributed.gradient_sync(self.model, sync=a == len(self.loaders) - 1):  # all-reduce once per step
                 loss = batch_loss(self.forward_model, batch, dtype=self.autocast)
-                (loss / t.grad_accum).backward()
+                aux = aux_loss(self.model)  # MoE load balancing: trained, reported apart from the loss
+                ((loss if aux is None else loss + aux) / t.grad_accum).backward()
             loss_sum += loss.detach()
+            if aux is not None:
+                aux_sum = aux.detach() + (0 if aux_sum is None else aux_sum)
+        if aux_sum is not None:
+            self.window["aux_loss"] = self.window.get("aux_loss", 0.0) + aux_sum.item() / t.grad_accum
         stop_seen = stop.received is not None
         if dist.enabled:  # the mean loss over all ranks' micro-batches, and whether any rank was signalled
             reduced = distributed.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(stop_seen), device=device)]),
@@ -260,6 +265,9 @@ class Trainer:
                  "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
         if self.peak_flops:
             point["mfu"] = self.flops_per_token * tok_s / self.peak_flops
+        if "aux_loss" in w:
+            point["aux_loss"] = w["aux_loss"] / w["steps"]
+            w["aux_loss"] = 0.0
         self.curves["train"].append(point)
         bar.set_postfix(loss=f"{point['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
         if self.logger:

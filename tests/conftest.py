@@ -13,9 +13,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 
 def tiny_model(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, n_kv_heads=None, kernel="sdpa",
-               window=None, seed=0, **kwargs):
+               window=None, seed=0, attention_cls=Attention, attention_options=None, **kwargs):
     torch.manual_seed(seed)
-    attention = partial(Attention, n_kv_heads=n_kv_heads, kernel=kernel, window=window)
+    attention = partial(attention_cls, n_kv_heads=n_kv_heads, kernel=kernel, window=window, **(attention_options or {}))
     return TransformerLM(vocab_size, d_model, n_layers, n_heads, max_seq_len, attention=attention, **kwargs).eval()
 
 

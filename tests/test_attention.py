@@ -1,12 +1,29 @@
 """Attention: kernels, masks, head layouts and the KV cache, each against an independent reference."""
+from functools import partial
 
 import pytest
 import torch
 
 from conftest import tiny_model
-from variants import KERNELS, Attention, AttentionContext, Causal, SlidingWindow, StridedSparse
+from variants import (KERNELS, MLP, ALiBi, Attention, AttentionContext, Causal, DyT, MoE, MultiHeadLatentAttention,
+                      SlidingWindow, StridedSparse)
 
 PATTERNS = [Causal(), SlidingWindow(5), StridedSparse(4)]
+# tiny_model arguments of each part the model-level properties (causality, documents, cache) must hold for
+PARTS = {
+    "base": {},
+    "alibi": dict(position=ALiBi),
+    "softcap": dict(attention_options=dict(softcap=1.0)),
+    "qk_norm": dict(attention_options=dict(qk_norm=True)),
+    "dyt": dict(norm=DyT),
+    "olmo2": dict(norm_position="olmo2"),
+    "relu2": dict(ffn=partial(MLP, activation="relu2")),
+    "moe": dict(ffn=partial(MoE, n_experts=4, top_k=2, shared_expert=True)),
+    "mla": dict(attention_cls=MultiHeadLatentAttention, attention_options=dict(kv_lora_rank=12)),
+}
+# every mask pattern with the base parts, the causal mask with each other part (how score modifiers and
+# patterns combine is checked kernel by kernel in test_scores.py)
+PATTERN_PARTS = [(p, "base") for p in PATTERNS] + [(Causal(), part) for part in PARTS if part != "base"]
 
 
 def naive_allowed(pattern, q, k):
@@ -106,6 +123,23 @@ def test_grouped_heads_equal_mha_with_shared_kv_weights(n_kv_heads):
     torch.testing.assert_close(gqa(x), mha(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_qk_norm_gives_unit_rms_queries_and_keys_per_head(qk_norm, monkeypatch):
+    """What reaches the kernel (before the 1/sqrt(d) scale) has RMS 1 over head_dim in every head and token."""
+    seen = {}
+
+    def record(q, k, v, *args):
+        seen.update(q=q, k=k)
+        return v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    monkeypatch.setitem(KERNELS, "eager", record)
+    attn = Attention(32, 4, n_kv_heads=2, kernel="eager", qk_norm=qk_norm)
+    with torch.no_grad():
+        attn(torch.randn(2, 7, 32) * 5)
+    for t in (seen["q"], seen["k"]):
+        rms = t.pow(2).mean(-1).sqrt()  # (B, heads, T)
+        assert torch.allclose(rms, torch.ones_like(rms), atol=1e-4) == qk_norm
+
+
 def test_kv_parameter_counts_shrink_with_fewer_kv_heads():
     d, H, hd = 64, 8, 8
     for n_kv in (8, 4, 2, 1):
@@ -120,10 +154,10 @@ PACKED_DOCS = torch.tensor([[0] * 5 + [1] * 10 + [2] * 9, [0] * 13 + [1] * 11])
 
 
 @pytest.mark.parametrize("kernel", ["eager", "sdpa", "flex"])
-@pytest.mark.parametrize("pattern", PATTERNS, ids=repr)
+@pytest.mark.parametrize("pattern,part", PATTERN_PARTS, ids=lambda x: x if isinstance(x, str) else repr(x))
 @pytest.mark.parametrize("docs", [None, PACKED_DOCS], ids=["one_document", "packed_documents"])
-def test_model_is_causal(kernel, pattern, docs):
-    model = tiny_model(kernel=kernel, attention_schedule=[pattern])
+def test_model_is_causal(kernel, pattern, docs, part):
+    model = tiny_model(kernel=kernel, attention_schedule=[pattern], **PARTS[part])
     x = torch.randint(0, 61, (2, 24))
     t = 13
     y = x.clone()
@@ -135,11 +169,11 @@ def test_model_is_causal(kernel, pattern, docs):
 
 
 @pytest.mark.parametrize("kernel", ["eager", "sdpa", "flex"])
-@pytest.mark.parametrize("pattern", PATTERNS, ids=repr)
-def test_packed_documents_see_only_themselves(kernel, pattern):
+@pytest.mark.parametrize("pattern,part", PATTERN_PARTS, ids=lambda x: x if isinstance(x, str) else repr(x))
+def test_packed_documents_see_only_themselves(kernel, pattern, part):
     """Each document of a packed row gets the logits it gets alone: the documents before and after it are
     invisible, and its positions restart at 0."""
-    model = tiny_model(kernel=kernel, attention_schedule=[pattern])
+    model = tiny_model(kernel=kernel, attention_schedule=[pattern], **PARTS[part])
     x = torch.randint(0, 61, (2, 24))
     with torch.no_grad():
         packed = model(x, document_ids=PACKED_DOCS)
@@ -180,11 +214,12 @@ def test_strided_layer_sees_strided_tokens():
 CACHE_CASES = [
     dict(n_kv_heads=None), dict(n_kv_heads=2), dict(n_kv_heads=1), dict(n_kv_heads=2, window=5),
     dict(n_kv_heads=2, attention_schedule=[Causal(), StridedSparse(3)]),
-]
+] + [dict(n_kv_heads=2, **options) for part, options in PARTS.items() if part != "base"]
 
 
 @pytest.mark.parametrize("kernel", ["eager", "sdpa", "flex"])
-@pytest.mark.parametrize("case", CACHE_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("case", CACHE_CASES, ids=lambda c: "-".join(f"{k}={getattr(v, '__name__', v)}"
+                                                                    for k, v in c.items()))
 def test_kv_cache_decoding_reproduces_full_forward(kernel, case):
     model = tiny_model(kernel=kernel, **case)
     x = torch.randint(0, 61, (2, 21))

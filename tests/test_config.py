@@ -58,6 +58,14 @@ def test_preset_composes_builds_and_trains_a_step(preset):
     (["model.attention.kernel=eager"], lambda m: m.blocks[0].attn.kernel == "eager"),
     (["model.attention.window=8"], lambda m: m.blocks[0].attn.pattern.window == 8),
     (["model=sparse_rope"], lambda m: [type(b.attn.pattern).__name__ for b in m.blocks][:2] == ["Causal", "StridedSparse"]),
+    (["model/position=alibi"], lambda m: type(m.score_mods[0]).__name__ == "ALiBiBias"),
+    (["model.attention.softcap=30.0"], lambda m: m.blocks[0].attn.score_mods[0].cap == 30.0),
+    (["model.attention.qk_norm=true"], lambda m: m.blocks[0].attn.q_norm.normalized_shape == (32,)),
+    (["model/norm=dyt"], lambda m: type(m.blocks[0].attn_norm).__name__ == "DyT"),
+    (["model.norm_position=olmo2"], lambda m: type(m.blocks[0]).__name__ == "OLMo2Block"),
+    (["model/ffn=relu2"], lambda m: m.blocks[0].ffn.up_proj.out_features == 512),
+    (["model/ffn=moe", "model.ffn.shared_expert=true"], lambda m: len(m.blocks[0].ffn.experts) == 8),
+    (["model/attention=mla"], lambda m: m.cache_layout() == {"latent": (1, 32), "k_rope": (1, 32)}),
 ])
 def test_command_line_swaps(overrides, check):
     cfg = compose(["model=gqa_rope", *SMALL, *overrides])
@@ -108,3 +116,18 @@ def test_cli_prints_the_composed_config():
     cfg = OmegaConf.create(out.stdout)
     assert cfg.model.attention.n_kv_heads == 1
     assert cfg.model.norm_position == "pre"
+
+
+def _sweep_points():
+    for path in sorted((CONF / "experiment").glob("*.yaml")):
+        params = OmegaConf.load(path).hydra.sweeper.params
+        for key, values in params.items():
+            for value in str(values).split(","):
+                yield path.stem, f"{key}={value}"
+
+
+@pytest.mark.parametrize("experiment, override", list(_sweep_points()))
+def test_every_named_sweep_point_builds(experiment, override):
+    """Each job of every named sweep composes and passes the model check (meta device, nothing allocated)."""
+    cfg = compose([f"+experiment={experiment}", *SMALL, override])
+    check_model_config(cfg.model)

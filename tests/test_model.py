@@ -6,13 +6,14 @@ import torch
 from torch import nn
 
 from conftest import tiny_model
-from variants import (MLP, GatedMLP, LearnedPosition, LinearScaling, RoPE, SinusoidalPosition, apply_rotary,
+from variants import (MLP, ALiBi, GatedMLP, LearnedPosition, LinearScaling, RoPE, SinusoidalPosition, apply_rotary,
                       gated_hidden_dim, positions_from_documents)
 
 POSITIONS = {
     "rope": RoPE,
     "learned": LearnedPosition,
     "sinusoidal": SinusoidalPosition,
+    "alibi": ALiBi,
 }
 
 

@@ -51,6 +51,16 @@ def test_results_json_holds_the_run(tmp_path, cache_dir):
     assert "val loss / ppl" in out.stdout  # the summary table
 
 
+def test_moe_run_trains_and_reports_the_balance_loss_and_active_parameters(tmp_path, cache_dir):
+    run(["hydra.run.dir=run", "model/ffn=moe", "model.ffn.n_experts=4", "model.ffn.top_k=1"], tmp_path, cache_dir)
+    r = results(tmp_path / "run")
+    assert r["status"] == "ok" and r["variant"]["ffn"] == "moe"
+    aux = [p["aux_loss"] for p in r["curves"]["train"]]
+    # Switch loss x coef 0.01, one layer: about 1 when balanced, at most n_experts when one expert takes all
+    assert len(aux) == 6 and all(0.005 < a <= 0.04 for a in aux)
+    assert r["params_active"] < r["params"]
+
+
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, cache_dir):
     # log_every=2 with a checkpoint at step 3: the logged point at step 4 averages a step from each side
     run(["hydra.run.dir=run", "train.checkpoint_every=3", "train.log_every=2"], tmp_path, cache_dir)

@@ -3,18 +3,22 @@
     from variants import TransformerLM, Attention, RoPE, GatedMLP
 """
 from .attention import KERNELS, Attention
-from .block import PostNormBlock, PreNormBlock
+from .block import OLMo2Block, PostNormBlock, PreNormBlock
 from .cache import KVCache
 from .ffn import MLP, GatedMLP, gated_hidden_dim
 from .masks import AttentionContext, Causal, SlidingWindow, StridedSparse
 from .model import TransformerLM
-from .norm import LayerNorm, RMSNorm
-from .position import (LearnedPosition, LinearScaling, LongRoPEScaling, NoPosition, RoPE, SinusoidalPosition,
+from .mla import MultiHeadLatentAttention
+from .moe import MoE
+from .norm import DyT, LayerNorm, RMSNorm
+from .scores import ALiBiBias, SoftCap, alibi_slopes
+from .position import (ALiBi, LearnedPosition, LinearScaling, LongRoPEScaling, NoPosition, RoPE, SinusoidalPosition,
                        apply_rotary, positions_from_documents)
 
 __all__ = [
     "TransformerLM", "Attention", "KERNELS", "PreNormBlock", "PostNormBlock", "KVCache", "MLP", "GatedMLP",
     "gated_hidden_dim", "AttentionContext", "Causal", "SlidingWindow", "StridedSparse", "LayerNorm", "RMSNorm",
     "NoPosition", "LearnedPosition", "SinusoidalPosition", "RoPE", "LinearScaling", "LongRoPEScaling",
-    "apply_rotary", "positions_from_documents",
+    "apply_rotary", "positions_from_documents", "ALiBi", "ALiBiBias", "SoftCap", "alibi_slopes", "DyT", "OLMo2Block",
+    "MoE", "MultiHeadLatentAttention",
 ]

@@ -12,27 +12,39 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from .masks import Causal, SlidingWindow
+from .masks import AttentionContext, Causal, SlidingWindow
 from .position import apply_rotary
+from .scores import SoftCap
 
 
 class EagerKernel:
-    """Reference: explicit softmax(QK^T / sqrt(d) + mask) V in float32, K/V heads repeated for GQA."""
+    """Reference: explicit softmax(mods(QK^T / sqrt(d)) + mask) V in float32, K/V heads repeated for GQA.
 
-    def __call__(self, q, k, v, pattern, ctx, scale):
+    Every kernel takes `score_mods`, a tuple of score modifiers (scores.py) applied before the mask."""
+
+    def __call__(self, q, k, v, pattern, ctx, scale, score_mods=()):
         mask = ctx.cached(("dense", pattern), lambda: ctx.dense(pattern))
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         scores = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, Tq, Tkv)
+        if score_mods:
+            scores = ctx.modify_scores(scores, score_mods)
         scores = scores.masked_fill(~mask, float("-inf"))
         return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
 class SDPAKernel:
     """torch's scaled_dot_product_attention (flash / memory-efficient / math backends). Plain causal
-    attention takes the `is_causal` fast path; other patterns pass a dense boolean mask."""
+    attention takes the `is_causal` fast path; other patterns pass a dense boolean mask, and additive score
+    modifiers (ALiBi) a float mask: their bias, -inf where masked, built once per call."""
 
-    def __call__(self, q, k, v, pattern, ctx, scale):
+    def __call__(self, q, k, v, pattern, ctx, scale, score_mods=()):
+        if score_mods:
+            if not all(mod.additive for mod in score_mods):  # SDPA cannot transform logits (soft-capping)
+                return KERNELS["eager"](q, k, v, pattern, ctx, scale, score_mods)
+            bias = ctx.cached(("bias", pattern, score_mods, q.shape[1], q.dtype),
+                              lambda: ctx.dense_bias(pattern, score_mods, q.shape[1]).to(q.dtype))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=True)
         plain = isinstance(pattern, Causal) and ctx.q_doc is None
         if plain and ctx.q_offset == 0 and ctx.q_len == ctx.kv_len:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -48,7 +60,7 @@ class FlexKernel:
 
     _compiled = None
 
-    def __call__(self, q, k, v, pattern, ctx, scale):
+    def __call__(self, q, k, v, pattern, ctx, scale, score_mods=()):
         if q.device.type == "cpu" and q.requires_grad:
             raise RuntimeError(
                 "FlexAttention has no backward pass on CPU in this torch; train with "
@@ -61,7 +73,8 @@ class FlexKernel:
             if FlexKernel._compiled is None:
                 FlexKernel._compiled = torch.compile(flex_attention)  # dynamic shapes after a first recompile (decode grows kv_len)
             attend = FlexKernel._compiled
-        return attend(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+        score_mod = ctx.cached(("score_mod", score_mods), lambda: ctx.score_mod(score_mods))
+        return attend(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True)
 
 
 KERNELS = {"eager": EagerKernel(), "sdpa": SDPAKernel(), "flex": FlexKernel()}
@@ -79,10 +92,15 @@ class Attention(nn.Module):
         window: if set and no `pattern` is given, sliding-window attention over the last `window` tokens.
         pattern: a mask predicate from masks.py (the model passes one per layer for dense/sparse schedules).
         bias: biases on the q/k/v/o projections.
+        softcap: if set, logits become softcap * tanh(logits / softcap) (Gemma 2), after the position
+            module's score modifiers (ALiBi) and before the mask.
+        qk_norm: RMSNorm over head_dim on every query and key head before RoPE (OLMo 2, Gemma 3), so the
+            logits cannot grow with the weights.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
-                 kernel: str = "sdpa", window: int | None = None, pattern=None, bias: bool = False):
+                 kernel: str = "sdpa", window: int | None = None, pattern=None, bias: bool = False,
+                 softcap: float | None = None, qk_norm: bool = False):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if n_heads < 1 or n_kv_heads < 1:
@@ -106,6 +124,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
         self.o_proj.is_residual_projection = True  # scaled init, see TransformerLM.reset_parameters
+        self.score_mods = (SoftCap(softcap),) if softcap is not None else ()
+        if qk_norm:
+            self.q_norm, self.k_norm = nn.RMSNorm(head_dim, eps=1e-6), nn.RMSNorm(head_dim, eps=1e-6)
+
+    def cache_layout(self) -> dict:
+        """Per cached token: name -> (heads, dim); the model sizes its KVCache from this."""
+        return {"k": (self.n_kv_heads, self.head_dim), "v": (self.n_kv_heads, self.head_dim)}
 
     def forward(self, x, rotary=None, ctx=None, cache=None):
         """x: (B, T, d_model); rotary: (cos, sin) or None; ctx: AttentionContext; cache: a LayerCache."""
@@ -113,12 +138,14 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k, v = cache.update(k, v)  # all keys/values so far, (B, Hkv, Tkv, hd)
         if ctx is None:
-            from .masks import AttentionContext
             ctx = AttentionContext(T, k.shape[2], k.shape[2] - T, device=x.device)
-        y = KERNELS[self.kernel](q, k, v, self.pattern, ctx, 1.0 / math.sqrt(self.head_dim))
+        y = KERNELS[self.kernel](q, k, v, self.pattern, ctx, 1.0 / math.sqrt(self.head_dim),
+                                 ctx.score_mods + self.score_mods)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -2,7 +2,9 @@
 
 Post-norm (Vaswani et al. 2017): x = norm(x + sublayer(x)); the residual stream is normalised after every
 sublayer. Pre-norm (GPT-2 onward, Xiong et al. 2020): x = x + sublayer(norm(x)); the stream is left
-untouched and the model needs a final norm before the head.
+untouched and the model needs a final norm before the head. OLMo 2 (OLMo et al. 2024, "2 OLMo 2 Furious"):
+x = x + norm(sublayer(x)); the norm sits on each sublayer's output inside the residual branch, and a final
+norm still precedes the head.
 """
 from torch import nn
 
@@ -31,4 +33,16 @@ class PostNormBlock(nn.Module):
         return self.ffn_norm(x + self.ffn(x))
 
 
-BLOCKS = {"pre": PreNormBlock, "post": PostNormBlock}
+class OLMo2Block(nn.Module):
+    needs_final_norm = True
+
+    def __init__(self, attention: nn.Module, ffn: nn.Module, norm1: nn.Module, norm2: nn.Module):
+        super().__init__()
+        self.attn_norm, self.attn, self.ffn_norm, self.ffn = norm1, attention, norm2, ffn
+
+    def forward(self, x, rotary=None, ctx=None, cache=None):
+        x = x + self.attn_norm(self.attn(x, rotary, ctx, cache))
+        return x + self.ffn_norm(self.ffn(x))
+
+
+BLOCKS = {"pre": PreNormBlock, "post": PostNormBlock, "olmo2": OLMo2Block}

@@ -8,25 +8,40 @@ class KVCache:
     document id and position of every cached token (so packed or padded prompts keep their masks).
 
     Bytes per cached token = 2 (K and V) x n_layers x n_kv_heads x head_dim x bytes per element.
+    An attention module that caches something else (MLA: a latent and a shared rotary key) describes it
+    with `layout`, name -> (heads, dim) per token; the buffers follow it, in its order.
     """
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int,
-                 dtype=torch.float32, device="cpu"):
-        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+                 dtype=torch.float32, device="cpu", layout: dict | None = None):
+        layout = layout or {"k": (n_kv_heads, head_dim), "v": (n_kv_heads, head_dim)}
+        self.buffers = {name: torch.zeros((n_layers, batch_size, heads, max_len, dim), dtype=dtype, device=device)
+                        for name, (heads, dim) in layout.items()}
         self.document_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.position_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.max_len, self.length = max_len, 0
+
+    @property
+    def k(self):
+        return self.buffers["k"]
+
+    @property
+    def v(self):
+        return self.buffers["v"]
 
     @staticmethod
     def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype=torch.float32) -> int:
         return 2 * n_layers * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
+    @staticmethod
+    def layout_bytes_per_token(n_layers: int, layout: dict, dtype=torch.float32) -> int:
+        per_layer = sum(heads * dim for heads, dim in layout.values())
+        return n_layers * per_layer * torch.empty((), dtype=dtype).element_size()
+
     @property
     def nbytes(self) -> int:
         """Bytes of the key/value buffers actually allocated (document/position ids excluded)."""
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
     def reset(self):
         self.length = 0
@@ -34,13 +49,16 @@ class KVCache:
     def layer(self, index: int) -> "LayerCache":
         return LayerCache(self, index)
 
-    def write(self, index: int, k, v):
-        start, end = self.length, self.length + k.shape[2]
+    def write(self, index: int, *tensors):
+        """Store this call's tensors (B, heads, T, dim), one per layout entry; return each with all cached."""
+        start, end = self.length, self.length + tensors[0].shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; this call needs {end}")
-        self.k[index, :, :, start:end] = k
-        self.v[index, :, :, start:end] = v
-        return self.k[index, :, :, :end], self.v[index, :, :, :end]
+        out = []
+        for buffer, t in zip(self.buffers.values(), tensors):
+            buffer[index, :, :, start:end] = t
+            out.append(buffer[index, :, :, :end])
+        return tuple(out)
 
     def advance(self, document_ids, position_ids):
         """Record the ids of the tokens just written by every layer and move the write position on."""
@@ -56,5 +74,5 @@ class LayerCache:
     def __init__(self, cache: KVCache, index: int):
         self.cache, self.index = cache, index
 
-    def update(self, k, v):
-        return self.cache.write(self.index, k, v)
+    def update(self, *tensors):
+        return self.cache.write(self.index, *tensors)

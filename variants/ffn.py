@@ -1,4 +1,5 @@
-"""Feed-forward layers: the two-matrix MLP (ReLU as in 2017, GELU as in GPT-2) and the gated GLU family
+"""Feed-forward layers: the two-matrix MLP (ReLU as in 2017, GELU as in GPT-2, squared ReLU as in Primer)
+and the gated GLU family
 (Shazeer 2020: SwiGLU in Llama/Phi-3, GeGLU).
 
 Both take `(d_model, hidden_dim=None, ...)`. With hidden_dim unset, the MLP uses 4 * d_model and a gated
@@ -10,6 +11,7 @@ from torch import nn
 
 ACTIVATIONS = {
     "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),  # squared ReLU (So et al. 2021, Primer)
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "silu": F.silu,

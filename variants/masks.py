@@ -5,7 +5,8 @@ query may attend to the key. Indices are absolute positions in the sequence (a K
 indices), and the same function is used two ways:
   * as a FlexAttention `mask_mod` (scalar tensors, traced into a block mask);
   * evaluated by broadcasting (q_idx[:, None], kv_idx[None, :]) into a dense boolean mask for SDPA/eager.
-Same-document masking for packed rows is added on top by `AttentionContext`, for every pattern.
+Same-document masking for packed rows is added on top by `AttentionContext`, for every pattern. Score
+modifiers (scores.py: ALiBi, soft-capping) are built and cached by the same context.
 """
 from dataclasses import dataclass
 
@@ -55,11 +56,15 @@ class AttentionContext:
     and masks already built for a (kernel, pattern), so a block mask is built once per call, not per layer.
 
     q_doc: (B, Tq) or None; kv_doc: (B, Tkv) or None; q_offset: absolute index of the first query.
+    score_mods: modifiers every layer applies in this call (the position module's, e.g. ALiBi); a layer
+    adds its own after them (Attention's soft-capping).
     """
 
-    def __init__(self, q_len: int, kv_len: int, q_offset: int = 0, q_doc=None, kv_doc=None, device="cpu"):
+    def __init__(self, q_len: int, kv_len: int, q_offset: int = 0, q_doc=None, kv_doc=None, device="cpu",
+                 score_mods: tuple = ()):
         self.q_len, self.kv_len, self.q_offset = q_len, kv_len, q_offset
         self.q_doc, self.kv_doc, self.device = q_doc, kv_doc, device
+        self.score_mods = tuple(score_mods)
         self._built = {}
 
     def mask_mod(self, pattern):
@@ -77,6 +82,35 @@ class AttentionContext:
         if self.q_doc is not None:
             mask = mask & (self.q_doc[:, None, :, None] == self.kv_doc[:, None, None, :])
         return mask
+
+    def score_mod(self, mods: tuple):
+        """FlexAttention score_mod(score, b, h, q_idx, kv_idx) applying `mods` in order; None for none."""
+        if not mods:
+            return None
+        fns = [self.cached(("score", mod), lambda mod=mod: mod.build(self.device)) for mod in mods]
+        offset = self.q_offset
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            for fn in fns:
+                score = fn(score, b, h, q_idx + offset, kv_idx)
+            return score
+        return score_mod
+
+    def modify_scores(self, scores, mods: tuple):
+        """Apply `mods` to dense scores (B, H, Tq, Tkv) by broadcasting index grids."""
+        B, H = scores.shape[:2]
+        fn = self.score_mod(mods)
+        b = torch.arange(B, device=scores.device)[:, None, None, None]
+        h = torch.arange(H, device=scores.device)[None, :, None, None]
+        q_idx = torch.arange(self.q_len, device=scores.device)[None, None, :, None]
+        kv_idx = torch.arange(self.kv_len, device=scores.device)[None, None, None, :]
+        return fn(scores, b, h, q_idx, kv_idx)
+
+    def dense_bias(self, pattern, mods: tuple, n_heads: int):
+        """Float mask (B or 1, H, Tq, Tkv) for SDPA: the additive modifiers' bias, -inf where masked."""
+        zeros = torch.zeros(1, n_heads, self.q_len, self.kv_len, device=self.device)
+        bias = self.modify_scores(zeros, mods)
+        return bias.masked_fill(~self.cached(("dense", pattern), lambda: self.dense(pattern)), float("-inf"))
 
     def cached(self, key, build):
         if key not in self._built:

@@ -17,6 +17,7 @@ from .block import BLOCKS
 from .cache import KVCache
 from .ffn import GatedMLP
 from .masks import AttentionContext
+from .norm import DyT
 from .position import RoPE, positions_from_documents
 
 
@@ -29,7 +30,7 @@ class TransformerLM(nn.Module):
         ffn: factory called as ffn(d_model) -> e.g. MLP or GatedMLP.
         norm: factory called as norm(d_model) -> e.g. nn.RMSNorm or nn.LayerNorm.
         position: factory called as position(d_model=, head_dim=, max_seq_len=) -> a position module.
-        norm_position: "pre" or "post".
+        norm_position: "pre", "post" or "olmo2" (block.py).
         tie_embeddings: share the token embedding with the LM head.
         attention_schedule: mask patterns cycled over the layers (e.g. [Causal(), StridedSparse(16)] for
             GPT-3's alternation of dense and sparse layers); None uses the attention factory's own.
@@ -42,7 +43,7 @@ class TransformerLM(nn.Module):
     The runner uses only this public face (so a user's own block or attention class works with bench,
     inspect, generate and FSDP): `blocks` (the repeated layers), `attention_modules()`, `n_heads`,
     `n_kv_heads`, `head_dim`, `max_seq_len`, `vocab_size`, `num_params()`, `flops_per_token()`,
-    `kv_cache_bytes_per_token()`, `allocate_cache()` and `reencode_at`.
+    `kv_cache_bytes_per_token()`, `cache_layout()`, `allocate_cache()`, `aux_loss()` and `reencode_at`.
     Defaults give the Llama block: pre-norm RMSNorm, SwiGLU, RoPE, MHA.
     """
 
@@ -67,6 +68,8 @@ class TransformerLM(nn.Module):
 
         self.embed = nn.Embedding(vocab_size, d_model)
         self.position = position(d_model=d_model, head_dim=self.head_dim, max_seq_len=max_seq_len)
+        score_mod = getattr(self.position, "score_mod", None)  # ALiBi: a bias on every layer's scores
+        self.score_mods = (score_mod(n_heads),) if score_mod is not None else ()
         block_cls = BLOCKS[norm_position]
         blocks = []
         for i in range(n_layers):
@@ -92,7 +95,7 @@ class TransformerLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=self.init_std)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm, DyT)):
                 module.reset_parameters()
 
     # -- the public face the runner uses ---------------------------------------------------------------
@@ -111,19 +114,28 @@ class TransformerLM(nn.Module):
         position module decides: LongRoPE's switch to its long factors); None: never."""
         return getattr(self.position, "reencode_at", None)
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Unique parameters (a tied head counts once); optionally without token/position embeddings."""
+    def num_params(self, exclude_embeddings: bool = False, active: bool = False) -> int:
+        """Unique parameters (a tied head counts once); optionally without token/position embeddings; with
+        `active`, only those one token uses (a mixture of experts' unchosen experts left out)."""
         n = sum(p.numel() for p in self.parameters())
+        if active:
+            n -= sum(m.inactive_params() for m in self.modules() if hasattr(m, "inactive_params"))
         if exclude_embeddings:
             n -= self.embed.weight.numel()
             n -= sum(p.numel() for p in self.position.parameters())
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6 x matmul parameters plus attention's
+        """Training FLOPs per token (forward + backward): 6 x active matmul parameters plus attention's
         QK^T and AV, 12 x n_layers x n_heads x head_dim x seq_len (PaLM, Chowdhery et al. 2022, app. B)."""
-        matmul_params = self.num_params(exclude_embeddings=True) + self.lm_head.weight.numel() * self.tie_embeddings
+        matmul_params = (self.num_params(exclude_embeddings=True, active=True)
+                         + self.lm_head.weight.numel() * self.tie_embeddings)
         return 6 * matmul_params + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+
+    def aux_loss(self):
+        """Sum of the auxiliary losses the parts recorded in the last forward (MoE load balancing), or None."""
+        losses = [m.last_aux_loss for m in self.modules() if getattr(m, "last_aux_loss", None) is not None]
+        return sum(losses) if losses else None
 
     # -- Hugging Face Phi-3 checkpoints (variants/hf.py) ---------------------------------------------
     @classmethod
@@ -138,13 +150,23 @@ class TransformerLM(nn.Module):
         return save_hf(self, directory, **kwargs)
 
     # -- KV cache -----------------------------------------------------------------------------------
+    def cache_layout(self) -> dict:
+        """What one layer caches per token, name -> (heads, dim), asked of the attention modules (a module
+        without `cache_layout` caches K and V over its n_kv_heads x head_dim)."""
+        layouts = [attn.cache_layout() if hasattr(attn, "cache_layout") else
+                   {"k": (attn.n_kv_heads, attn.head_dim), "v": (attn.n_kv_heads, attn.head_dim)}
+                   for attn in self.attention_modules()]
+        if any(layout != layouts[0] for layout in layouts):
+            raise ValueError("a KV cache needs every layer to cache the same layout")
+        return layouts[0]
+
     def kv_cache_bytes_per_token(self, dtype=torch.float32) -> int:
-        return KVCache.bytes_per_token(self.n_layers, self.n_kv_heads, self.head_dim, dtype)
+        return KVCache.layout_bytes_per_token(self.n_layers, self.cache_layout(), dtype)
 
     def allocate_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> KVCache:
         ref = self.embed.weight
         return KVCache(self.n_layers, batch_size, self.n_kv_heads, self.head_dim, max_len or self.max_seq_len,
-                       dtype=dtype or ref.dtype, device=device or ref.device)
+                       dtype=dtype or ref.dtype, device=device or ref.device, layout=self.cache_layout())
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, input_ids, position_ids=None, document_ids=None, cache: KVCache | None = None):
@@ -167,7 +189,8 @@ class TransformerLM(nn.Module):
         kv_doc = document_ids
         if cache is not None and document_ids is not None:
             kv_doc = torch.cat([cache.document_ids[:, :offset], document_ids], dim=1)
-        ctx = AttentionContext(T, offset + T, offset, document_ids, kv_doc, device=input_ids.device)
+        ctx = AttentionContext(T, offset + T, offset, document_ids, kv_doc, device=input_ids.device,
+                               score_mods=self.score_mods)
 
         x = self.embed(input_ids)
         x, rotary = self.position(x, position_ids)

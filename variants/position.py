@@ -3,11 +3,15 @@
 Every class shares the constructor shape `(d_model, head_dim, max_seq_len, **options)` and the call
 `forward(x, position_ids) -> (x, rotary)`: absolute encodings return `x` with positions added and
 `rotary=None`; RoPE returns `x` unchanged and `rotary=(cos, sin)` for the attention layers to apply.
+A position module that biases attention scores instead (ALiBi) also has `score_mod(n_heads)`, returning a
+score modifier (scores.py) that the model hands to every attention layer.
 """
 import math
 
 import torch
 from torch import nn
+
+from .scores import ALiBiBias, alibi_slopes
 
 
 class NoPosition(nn.Module):
@@ -18,6 +22,15 @@ class NoPosition(nn.Module):
 
     def forward(self, x, position_ids):
         return x, None
+
+
+class ALiBi(NoPosition):
+    """Attention with Linear Biases (Press et al. 2022): no embedding at all; every head penalises a key
+    linearly in its distance from the query, with a fixed per-head slope, which lets a model trained on
+    short sequences read longer ones."""
+
+    def score_mod(self, n_heads: int):
+        return ALiBiBias(tuple(alibi_slopes(n_heads)))
 
 
 class LearnedPosition(nn.Module):

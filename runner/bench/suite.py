@@ -166,9 +166,10 @@ def kv_cache_size(model, dtype, device="cpu", batch_size: int = 1, max_len: int 
     """Bytes per cached token: measured from the storage of an allocated cache, and analytic."""
     max_len = max_len or model.max_seq_len
     cache = model.allocate_cache(batch_size, max_len, dtype, device)
-    allocated = sum(t.untyped_storage().nbytes() for t in (cache.k, cache.v))
+    allocated = sum(t.untyped_storage().nbytes() for t in cache.buffers.values())
     itemsize = torch.empty((), dtype=dtype).element_size()
-    analytic = 2 * model.n_layers * model.n_kv_heads * model.head_dim * itemsize  # K and V, every layer
+    # K and V of n_kv_heads x head_dim, every layer; or what the attention caches instead (MLA: its latent)
+    analytic = model.n_layers * sum(h * d for h, d in model.cache_layout().values()) * itemsize
     return {"kv_cache_bytes_per_token": allocated // (batch_size * max_len),
             "kv_cache_bytes_per_token_analytic": analytic,
             "kv_cache_matches_analytic": allocated == analytic * batch_size * max_len,
