@@ -29,6 +29,8 @@ def seeds_to_resolve(mean: float, sd: float, level: float = 0.95) -> int | None:
         return None
     if sd == 0:
         return 2
+    if (1.959963984540054 * sd / mean) ** 2 > MAX_SEEDS:  # t > z: the answer is at least the normal one
+        return None
     n = 2
     while t_quantile(level, n - 1) * sd / math.sqrt(n) >= abs(mean):  # the half-width falls monotonically
         n = n * 2 if n < 64 else n + max(1, n // 8)
