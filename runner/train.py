@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from runner import distributed
 from runner.budget import check_budget, spent, steps_for_budget
+from runner.sweep import finished_record
 from runner.build import build_model, check_model_config, record_model
 from runner.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from runner.compute import autocast_dtype, batch_loss
@@ -86,6 +87,10 @@ def resume_command(out_dir, overrides: list[str] | None = None) -> str:
 def main(cfg: DictConfig):
     out_dir = output_dir()  # the same on every rank (run.py shares rank 0's timestamp)
     is_main = distributed.process_rank() == 0
+    if cfg.train.resume is True and (done := finished_record(out_dir, cfg.train)) is not None:
+        if is_main:  # a resumed sweep's finished job: nothing left to spend
+            print(f"{out_dir}: finished with this budget before; kept as it is")
+        return done
     with task_run(cfg, "train", print_summary=print_summary, is_main=is_main, out_dir=out_dir) as run:
         run.interrupt_hint = lambda err: (f"{str(err) or 'Ctrl-C'}: stopped without a new checkpoint; latest: "
                                           f"{latest_checkpoint(out_dir)}; resume with: {resume_command(out_dir)}")
@@ -287,7 +292,7 @@ class Trainer:
             metrics = evaluate(self.model, self.data.val_batches(t.batch_size, max_batches), self.device,
                                self.autocast)
         point = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": metrics["loss"],
-                 "ppl": metrics["ppl"], "seconds": self.train_seconds}
+                 "ppl": metrics["ppl"]}
         self.curves["val"].append(point)
         self.results.update(curves=self.curves)
         if self.logger:

@@ -67,6 +67,7 @@ def load_run(path: Path) -> dict:
         "curves": {k: [{f: p.get(f) for f in ("step", "tokens", "loss", "seconds")} for p in pts]
                    for k, pts in ((data.get("curves") or {}).items()) if isinstance(pts, list)},
     }
+    _time_val_points(row["curves"])
     for key, _, where in METRICS:
         row[key] = _number(_dig(data, where))
     for key, where in EXTRA:
@@ -77,6 +78,21 @@ def load_run(path: Path) -> dict:
         row["kv_cache_bytes_per_token"] = _number(data.get("kv_cache_bytes_per_token"))
         row["kv_estimated"] = row["kv_cache_bytes_per_token"] is not None
     return row
+
+
+def _time_val_points(curves: dict) -> None:
+    """Validation points carry no clock (a resumed curve must equal an uninterrupted one): their training
+    seconds are interpolated between the logged training points around their step."""
+    train = [(p["step"], p["seconds"]) for p in curves.get("train", []) if p.get("seconds") is not None]
+    for p in curves.get("val", []):
+        if p.get("seconds") is not None or not train or p.get("step") is None:
+            continue
+        before = [(s, t) for s, t in [(0, 0.0), *train] if s <= p["step"]][-1]
+        after = next(((s, t) for s, t in train if s >= p["step"]), None)
+        if after is None:
+            continue
+        p["seconds"] = before[1] if after[0] == before[0] else (
+            before[1] + (after[1] - before[1]) * (p["step"] - before[0]) / (after[0] - before[0]))
 
 
 def _budget(data: dict) -> str | None:
