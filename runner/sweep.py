@@ -76,8 +76,9 @@ def resume_sweep_command(sweep_dir: str, argv: list[str] | None = None) -> str:
 
 
 def finished_record(out_dir, train_cfg) -> dict | None:
-    """The results.json of a training run that already finished (status ok) with this same budget, which a
-    resumed sweep keeps as it is. A larger budget is not finished: train.resume=true then trains on."""
+    """The results.json of a training run that already finished (status ok) with this same budget and whose
+    latest checkpoint, if any, is its last step: a resumed sweep keeps it as it is. A larger budget is not
+    finished: train.resume=true then trains on."""
     path = Path(out_dir) / "results.json"
     try:
         data = json.loads(path.read_text())
@@ -86,5 +87,10 @@ def finished_record(out_dir, train_cfg) -> dict | None:
     if data.get("status") != "ok" or data.get("task") != "train":
         return None
     before = (data.get("config") or {}).get("train") or {}
-    same = all(before.get(k) == train_cfg.get(k) for k in (*BUDGETS, "batch_size"))
-    return data if same else None
+    if any(before.get(k) != train_cfg.get(k) for k in (*BUDGETS, "batch_size")):
+        return None
+    from runner.checkpoint import latest_checkpoint  # imported here: run.py imports this module without torch
+    latest = latest_checkpoint(out_dir)  # a checkpoint behind the recorded steps: the run is being redone
+    if latest is not None and int(latest.stem.split("_")[-1]) != (data.get("metrics") or {}).get("steps"):
+        return None
+    return data
