@@ -17,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-from runner.budget import BUDGETS
+from omegaconf import OmegaConf
 
 
 class SweepInterrupted(BaseException):
@@ -75,10 +75,10 @@ def resume_sweep_command(sweep_dir: str, argv: list[str] | None = None) -> str:
                      shlex.quote(f"hydra.sweep.dir={sweep_dir}")])
 
 
-def finished_record(out_dir, train_cfg) -> dict | None:
-    """The results.json of a training run that already finished (status ok) with this same budget and whose
-    latest checkpoint, if any, is its last step: a resumed sweep keeps it as it is. A larger budget is not
-    finished: train.resume=true then trains on."""
+def finished_record(out_dir, cfg) -> dict | None:
+    """The results.json of a training run that already finished (status ok) with this same config (but for
+    train.resume) and whose latest checkpoint, if any, is its last step: a resumed sweep keeps it as it is.
+    A larger budget or another config is not finished: train.resume=true then trains on (or says why not)."""
     path = Path(out_dir) / "results.json"
     try:
         data = json.loads(path.read_text())
@@ -86,11 +86,20 @@ def finished_record(out_dir, train_cfg) -> dict | None:
         return None
     if data.get("status") != "ok" or data.get("task") != "train":
         return None
-    before = (data.get("config") or {}).get("train") or {}
-    if any(before.get(k) != train_cfg.get(k) for k in (*BUDGETS, "batch_size")):
+    try:
+        now = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 -- an unresolvable config is not a finished run's
+        return None
+    if _without_resume(data.get("config")) != _without_resume(now):
         return None
     from runner.checkpoint import latest_checkpoint  # imported here: run.py imports this module without torch
     latest = latest_checkpoint(out_dir)  # a checkpoint behind the recorded steps: the run is being redone
     if latest is not None and int(latest.stem.split("_")[-1]) != (data.get("metrics") or {}).get("steps"):
         return None
     return data
+
+
+def _without_resume(config) -> dict:
+    config = dict(config or {})
+    config["train"] = {k: v for k, v in (config.get("train") or {}).items() if k != "resume"}
+    return config

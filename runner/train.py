@@ -87,7 +87,7 @@ def resume_command(out_dir, overrides: list[str] | None = None) -> str:
 def main(cfg: DictConfig):
     out_dir = output_dir()  # the same on every rank (run.py shares rank 0's timestamp)
     is_main = distributed.process_rank() == 0
-    if cfg.train.resume is True and (done := finished_record(out_dir, cfg.train)) is not None:
+    if cfg.train.resume is True and (done := finished_record(out_dir, cfg)) is not None:
         if is_main:  # a resumed sweep's finished job: nothing left to spend
             print(f"{out_dir}: finished with this budget before; kept as it is")
         return done
