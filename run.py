@@ -5,10 +5,13 @@ config and dispatches, so that `python run.py --cfg job ...` prints a config wit
 """
 import importlib
 import os
+import sys
 import time
 
 import hydra
 from omegaconf import DictConfig
+
+from runner import sweep  # light: no torch
 
 TASKS = {
     "train": "runner.train",
@@ -26,6 +29,7 @@ TASKS = {
 def main(cfg: DictConfig):
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task!r} is not a task; choose one of {sorted(TASKS)}")
+    sweep.job_started()
     return importlib.import_module(TASKS[cfg.task]).main(cfg)
 
 
@@ -45,4 +49,9 @@ def share_run_stamp():
 
 if __name__ == "__main__":
     share_run_stamp()
-    main()
+    if {"-m", "--multirun"} & set(sys.argv[1:]):
+        sweep.stop_between_jobs()
+    try:
+        main()
+    except sweep.SweepInterrupted as stop:  # a sweep stopped by Ctrl-C/SIGTERM: one line resumes it (runner/sweep.py)
+        print(stop.hint())

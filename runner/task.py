@@ -155,3 +155,8 @@ def task_run(cfg: DictConfig, task: str, print_summary=None, is_main: bool = Tru
             print_summary(results.data)
     if run.stop is not None:
         run.stop.forward()  # submitit's requeue, after the checkpoint and the record
+    if status == "interrupted":  # one job of an in-process sweep: the whole sweep stops (runner/sweep.py)
+        from runner.sweep import SweepInterrupted, in_process_sweep_dir
+        sweep_dir = in_process_sweep_dir()
+        if sweep_dir is not None:
+            raise SweepInterrupted(sweep_dir, str(results.path.parent))

@@ -20,6 +20,8 @@ from torch import nn
 from tqdm import tqdm
 
 from runner import distributed
+from runner.budget import check_budget, spent, steps_for_budget
+from runner.sweep import finished_record
 from runner.build import build_model, check_model_config, record_model
 from runner.checkpoint import (RESUME_KEYS, latest_checkpoint, load_latest_readable, rng_state, save_checkpoint,
                                set_rng_state)
@@ -40,20 +42,23 @@ def param_groups(model: nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_lambda(warmup: int, max_steps: int, min_ratio: float):
-    """Linear warm-up then cosine decay to min_ratio (as a multiplier of train.lr)."""
+def lr_lambda(warmup: int, max_steps: int | None, min_ratio: float, fraction_spent=None):
+    """Linear warm-up then cosine decay to min_ratio (as a multiplier of train.lr). The decay follows the
+    steps, or with fraction_spent (a callable: the share of a train.max_seconds budget spent) the clock."""
     def schedule(step):
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        if fraction_spent is not None:
+            progress = min(1.0, fraction_spent())
+        else:
+            progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return schedule
 
 
 def check_train_config(cfg: DictConfig):
     t = cfg.train
-    if t.max_steps < 1:
-        raise ValueError(f"train.max_steps must be >= 1, got {t.max_steps}")
+    check_budget(t)  # exactly one of max_steps, max_tokens, max_flops, max_seconds
     if t.grad_accum < 1 or t.batch_size % t.grad_accum:
         raise ValueError(f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}")
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if t.distributed != "none" else 1
@@ -85,6 +90,10 @@ def resume_command(out_dir, overrides: list[str] | None = None) -> str:
 def main(cfg: DictConfig):
     out_dir = output_dir()  # the same on every rank (run.py shares rank 0's timestamp)
     is_main = distributed.process_rank() == 0
+    if cfg.train.resume is True and (done := finished_record(out_dir, cfg)) is not None:
+        if is_main:  # a resumed sweep's finished job: nothing left to spend
+            print(f"{out_dir}: finished with this budget before; kept as it is")
+        return done
     lock = RunLock.take(out_dir) if is_main else None  # before results.json: a refused run writes nothing here
     with task_run(cfg, "train", print_summary=print_summary, is_main=is_main, out_dir=out_dir) as run:
         if lock is not None:
@@ -134,12 +143,18 @@ class Trainer:
         record_model(results, model)
         self.autocast = autocast_dtype(t.dtype, device, next(model.parameters()).dtype)
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
+        results.update(flops_per_token=self.flops_per_token)
         self.model = distributed.wrap(model, dist)  # DDP or FSDP2 under torchrun; the model itself otherwise
         self.forward_model = torch.compile(self.model) if t.compile else self.model
         self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
                                            fused=device.type == "cuda")
+        # the budget in steps (tokens and FLOPs buy a whole number of them); None: train.max_seconds, the clock
+        self.tokens_per_step = t.batch_size * cfg.data.seq_len
+        self.max_steps = steps_for_budget(t, self.tokens_per_step, self.flops_per_token)
+        self.train_seconds = 0.0  # time in optimizer steps: what train.max_seconds counts (checkpointed)
+        time_share = (lambda: self.train_seconds / t.max_seconds) if self.max_steps is None else None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio))
+            self.optimizer, lr_lambda(t.warmup_steps, self.max_steps, t.min_lr_ratio, time_share))
         # A step takes batch_size rows of the epoch's permutation, cut into world_size x grad_accum interleaved
         # shards; rank r's micro-step a takes shard r * grad_accum + a. Which rows a step and each micro-batch
         # hold does not depend on how the work is split: one process with grad_accum=2 computes exactly what
@@ -147,7 +162,6 @@ class Trainer:
         shards = dist.world_size * t.grad_accum
         self.loaders = [BatchLoader(self.data.train, t.batch_size // shards, seed=t.seed,
                                     rank=dist.rank * t.grad_accum + a, world_size=shards) for a in range(t.grad_accum)]
-        self.tokens_per_step = t.batch_size * cfg.data.seq_len
         peak = _peak_flops(device)
         self.peak_flops = peak * dist.world_size if peak else None
         self.step, self.curves = 0, {"train": [], "val": []}
@@ -185,6 +199,7 @@ class Trainer:
             loader.load_state_dict(ckpt["loader"])
         set_rng_state(ckpt["rng"])
         self.step, self.curves = ckpt["step"], ckpt["curves"]
+        self.train_seconds = ckpt.get("train_seconds", 0.0)
         self.window.update(ckpt.get("log_window", {}))
         if dist.is_main:
             print(f"resumed from {ckpt_path} at step {self.step}")
@@ -194,11 +209,11 @@ class Trainer:
     def fit(self):
         t, dist = self.t, self.dist
         self.model.train()
-        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+        bar = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    mininterval=1.0, disable=not dist.is_main)
         stop_seen = False  # across ranks: every rank must stop at the same step (checkpointing is collective)
         with StopSignal(distributed.cluster_signals()) as stop:
-            while self.step < t.max_steps:
+            while not self.budget_spent():
                 if stop_seen if dist.enabled else stop.received:
                     path = self.checkpoint()
                     raise Interrupted(f"{stop.received or 'a signal to another rank'} at step {self.step}: checkpoint "
@@ -206,12 +221,20 @@ class Trainer:
                 started = time.perf_counter()
                 step_loss, grad_norm, stop_seen = self.optimizer_step(stop)
                 self.step += 1
+                self.train_seconds += time.perf_counter() - started
                 self.window["time"] += time.perf_counter() - started
                 self.window["loss"] += step_loss
                 self.window["steps"] += 1
                 self.between_steps(grad_norm, bar)
                 bar.update(1)
         bar.close()
+
+    def budget_spent(self) -> bool:
+        """Steps (bought by train.max_steps, max_tokens or max_flops) or train.max_seconds of optimizer steps;
+        under torchrun rank 0's clock decides for all, so that every rank stops at the same step."""
+        if self.max_steps is not None:
+            return self.step >= self.max_steps
+        return distributed.broadcast(self.train_seconds >= self.t.max_seconds, self.dist)
 
     def optimizer_step(self, stop: StopSignal) -> tuple[float, torch.Tensor, bool]:
         """One optimizer step over grad_accum micro-batches. Returns (the step's mean loss, the gradient norm
@@ -251,9 +274,10 @@ class Trainer:
     def between_steps(self, grad_norm, bar):
         """Log the window, evaluate and checkpoint at their intervals."""
         t, step = self.t, self.step
-        if step % t.log_every == 0 or step == t.max_steps:
+        last = self.budget_spent()
+        if step % t.log_every == 0 or last:
             self.log_train_point(grad_norm, bar)
-        if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+        if t.eval_every and step % t.eval_every == 0 and not last:
             self.validate(t.eval_batches)
         if t.checkpoint_every and step % t.checkpoint_every == 0:
             self.checkpoint()
@@ -262,7 +286,8 @@ class Trainer:
         w = self.window
         tok_s = self.tokens_per_step * w["steps"] / max(w["time"], 1e-9)
         point = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": w["loss"] / w["steps"],
-                 "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
+                 "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
+                 "seconds": self.train_seconds}
         if self.peak_flops:
             point["mfu"] = self.flops_per_token * tok_s / self.peak_flops
         if "aux_loss" in w:
@@ -296,7 +321,7 @@ class Trainer:
             return None
         state = {"model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                  "loader": self.loaders[0].state_dict(), "rng": rng_state(), "step": self.step, "curves": self.curves,
-                 "log_window": dict(self.window), "overrides": task_overrides()}
+                 "log_window": dict(self.window), "overrides": task_overrides(), "train_seconds": self.train_seconds}
         return save_checkpoint(self.out_dir, self.step, state)
 
     # -- wrap-up ----------------------------------------------------------------------------------------------
@@ -312,7 +337,7 @@ class Trainer:
             "val_loss": final["loss"], "val_ppl": final["ppl"], "val_tokens": final["tokens"],
             "final_train_loss": self.curves["train"][-1]["loss"],
             "train_tokens_per_s": throughput,
-            "train_tokens": self.tokens_per_step * t.max_steps, "steps": self.step,
+            **spent(self.step, self.tokens_per_step, self.flops_per_token, self.train_seconds),
             "mfu": (throughput * self.flops_per_token / self.peak_flops) if self.peak_flops and throughput else None,
         }
         self.results.update(metrics=metrics, curves=self.curves)

@@ -44,6 +44,7 @@ def write_results(run_dir, attention="gqa", n_kv_heads=2, ffn="swiglu", seed=0, 
     record = {
         "status": status, "task": "train", "params": 50_000,
         "kv_cache_bytes_per_token": 2 * 2 * n_kv_heads * 8 * 4,  # the model's count, recorded once it is built
+        "flops_per_token": 6 * (40_000 + 2_000 * n_kv_heads + (8_000 if ffn == "gelu" else 0)) + 12 * 2 * 4 * 8 * 32,
         "variant": {"preset": "gqa_rope", "norm": "rmsnorm", "norm_position": "pre", "ffn": ffn, "position": "rope",
                     "attention": attention, "n_heads": 4, "n_kv_heads": n_kv_heads, "kernel": "sdpa",
                     "window": 16 if attention == "sliding" else None, "attention_schedule": None, "d_model": 32,
@@ -121,17 +122,17 @@ def test_effects_match_a_naive_computation(sweep):
     for family, fam in fams.items():
         for row in fam["choices"]:
             mine = [d for d in done if d["variant"][family] == row["choice"]]
-            per_seed = [statistics.mean(d["metrics"]["val_ppl"] for d in mine if d["variant"]["seed"] == s)
+            # intervals are taken on loss (issue 15); perplexity's interval is the exponential of loss's
+            per_seed = [statistics.mean(math.log(d["metrics"]["val_ppl"]) for d in mine if d["variant"]["seed"] == s)
                         for s in (0, 1, 2)]
-            naive = sum(d["metrics"]["val_ppl"] for d in mine) / len(mine)  # balanced: the plain mean
+            naive = sum(math.log(d["metrics"]["val_ppl"]) for d in mine) / len(mine)  # balanced: the plain mean
             half = t2 * statistics.stdev(per_seed) / math.sqrt(3)
             assert row["runs"] == len(mine) and row["seeds"] == 3
-            assert row["val_ppl"] == pytest.approx(naive, rel=1e-12)
-            assert (row["val_ppl_lo"], row["val_ppl_hi"]) == pytest.approx((naive - half, naive + half), rel=1e-9)
-            assert row["val_loss"] == pytest.approx(statistics.mean(
-                statistics.mean(math.log(d["metrics"]["val_ppl"]) for d in mine if d["variant"]["seed"] == s)
-                for s in (0, 1, 2)), rel=1e-12)
-        assert [r["val_ppl"] for r in fam["choices"]] == sorted(r["val_ppl"] for r in fam["choices"])
+            assert row["val_loss"] == pytest.approx(naive, rel=1e-12)
+            assert (row["val_loss_lo"], row["val_loss_hi"]) == pytest.approx((naive - half, naive + half), rel=1e-9)
+            assert (row["val_ppl"], row["val_ppl_lo"], row["val_ppl_hi"]) == pytest.approx(
+                (math.exp(naive), math.exp(naive - half), math.exp(naive + half)), rel=1e-9)
+        assert [r["val_loss"] for r in fam["choices"]] == sorted(r["val_loss"] for r in fam["choices"])
         assert fam["choices"][0]["delta_ppl"] == 0
 
 
@@ -248,15 +249,16 @@ def test_report_from_real_tiny_runs(real_runs):
     fams = {f["family"]: f for f in effects(runs)}
     assert "preset" in fams  # mha_rope vs gqa_rope (attention and n_kv_heads split the runs the same way)
     for row in fams["preset"]["choices"]:
-        mine = [r["val_ppl"] for r in done if r["variant"]["preset"] == row["choice"]]
+        mine = [r["val_loss"] for r in done if r["variant"]["preset"] == row["choice"]]
         assert row["runs"] == 2 and row["seeds"] == 2
-        assert row["val_ppl"] == pytest.approx(sum(mine) / 2)
-        half = 12.706204736174698 * statistics.stdev(mine) / math.sqrt(2)
-        assert row["val_ppl_hi"] - row["val_ppl"] == pytest.approx(half, rel=1e-9)
-    # the Pareto flags agree with brute force on the real numbers
+        assert row["val_loss"] == pytest.approx(sum(mine) / 2)
+        half = 12.706204736174698 * statistics.stdev(mine) / math.sqrt(2)  # on loss; perplexity's is its exp
+        assert row["val_loss_hi"] - row["val_loss"] == pytest.approx(half, rel=1e-9)
+        assert row["val_ppl_hi"] == pytest.approx(math.exp(row["val_loss"] + half), rel=1e-9)
+    # the Pareto flags agree with brute force on the real numbers (the default cost: analytic FLOPs/token)
     for r in done:
-        beaten = any(q["val_ppl"] <= r["val_ppl"] and q["train_tokens_per_s"] >= r["train_tokens_per_s"]
-                     and (q["val_ppl"], q["train_tokens_per_s"]) != (r["val_ppl"], r["train_tokens_per_s"])
+        beaten = any(q["val_loss"] <= r["val_loss"] and q["flops_per_token"] <= r["flops_per_token"]
+                     and (q["val_loss"], q["flops_per_token"]) != (r["val_loss"], r["flops_per_token"])
                      for q in done)
         assert f"{'★ ' if not beaten else ''}{r['label']} |" in md
 

@@ -12,6 +12,8 @@ def fmt(key: str, x) -> str:
         return format_bytes(x)
     if key == "params":
         return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k"
+    if key in ("flops_per_token", "train_flops"):
+        return f"{x:.3g}"
     if key == "mfu":
         return f"{100 * x:.1f}%"
     if "tokens_per_s" in key:
@@ -25,6 +27,21 @@ def fmt_interval(row: dict, key: str) -> str:
     if row.get(key + "_lo") is None:
         return fmt(key, row.get(key))
     return f"{fmt(key, row[key])} [{fmt(key, row[key + '_lo'])}, {fmt(key, row[key + '_hi'])}]"
+
+
+def fmt_lr(lr) -> str:
+    return "–" if lr is None else f"{lr:g}"
+
+
+def budget_note(report: dict) -> str:
+    """One sentence: what was compared, and what was left out and why."""
+    c = report["chosen"]
+    text = (f"Compared: {report['compared']} runs of task {'/'.join(c['tasks'])}, sweep {c['sweep']}, budget "
+            f"{c['budget'] or '–'}.")
+    if report["left_out"]:
+        text += (f" {len(report['left_out'])} finished runs are listed but left out of the effects and verdicts "
+                 f"(another task, sweep or budget: never averaged together; see the 'compared' column).")
+    return text
 
 
 def family_title(fam: dict) -> str:

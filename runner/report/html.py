@@ -7,7 +7,9 @@ import html
 import json
 from importlib import resources
 
-from runner.report.format import FINISHED, family_title, fmt, fmt_interval
+from runner.report.format import FINISHED, budget_note, family_title, fmt, fmt_interval, fmt_lr, fmt_value
+from runner.report.markdown import VERDICT_HEAD, lr_cells, verdict_rows
+from runner.report.verdicts import verdict_line
 
 
 def _asset(name: str) -> str:
@@ -22,14 +24,17 @@ def render_html(report: dict) -> str:
         "colors": report["colors"],
         "runs": [{k: r.get(k) for k in ("id", "label", "variant_label", "status", "pareto", "val_ppl", "val_loss",
                                          "train_tokens_per_s", "peak_memory_bytes", "kv_cache_bytes_per_token",
-                                         "kv_estimated", "curves")} for r in runs],
+                                         "kv_estimated", "curves", "flops_per_token", "params", "train_flops",
+                                         "left_out")} for r in runs],
         "effects": report["effects"],
+        "cost": report["cost"],
     }
     payload = json.dumps(data, default=str).replace("</", "<\\/")
     head = HEAD.replace("{title}", html.escape(report["title"])).replace("{style}", _asset("report.css"))
     head = head.replace("{errors}", _asset("report-errors.js"))
-    parts = [head, _header(report), _runs_table(report),
-             _not_finished(report), CURVES, _pareto(report), MEMORY, _effects(report),
+    parts = [head, _header(report), _verdicts(report), _runs_table(report),
+             _not_finished(report), CURVES, _pareto(report), MEMORY, _lr_tuning(report), _effects(report),
+             _by_size(report),
              f'<footer>Written by <code>python run.py task=compare</code> from {len(runs)} results.json files '
              f'under {", ".join(html.escape(d) for d in report["dirs"])}. Markdown summary: report.md; '
              f'PNG plots beside this file.</footer>',
@@ -46,9 +51,10 @@ def _header(report) -> str:
     runs = report["runs"]
     done = [r for r in runs if r["status"] == FINISHED]
     cards = []
-    best = min((r for r in done if r["val_ppl"] is not None), key=lambda r: r["val_ppl"], default=None)
+    best = min((r for r in done if r["val_loss"] is not None and not r["left_out"]), key=lambda r: r["val_loss"],
+               default=None)
     if best:
-        cards.append(("lowest perplexity", fmt("val_ppl", best["val_ppl"]), best["label"]))
+        cards.append(("lowest validation loss", fmt("val_loss", best["val_loss"]), best["label"]))
     fast = max((r for r in done if r["train_tokens_per_s"] is not None),
                key=lambda r: r["train_tokens_per_s"], default=None)
     if fast:
@@ -67,7 +73,8 @@ def _header(report) -> str:
             f'{_e(report["generated_at"])}</p><div class="cards">'
             + "".join(f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{_e(v)}</div>'
                       f'<div class="s">{_e(s)}</div></div>' for k, v, s in cards)
-            + "</div>" + (f'<p class="common">Common to all runs: {_e(common)}</p>' if common else "")
+            + "</div>" + f'<p class="common">{_e(budget_note(report))}</p>'
+            + (f'<p class="common">Common to all runs: {_e(common)}</p>' if common else "")
             + "</header>")
 
 
@@ -77,7 +84,8 @@ def _badge(status) -> str:
 
 def _runs_table(report) -> str:
     vcols, mcols = report["variant_columns"], report["metric_columns"]
-    head = ('<tr><th data-type="text">run</th><th data-type="text">status</th>'
+    head = ('<tr><th data-type="text">run</th><th data-type="text">status</th><th data-type="text">task</th>'
+            '<th data-type="text">budget</th><th data-type="text">compared</th>'
             + "".join(f'<th data-type="text">{_e(c)}</th>' for c in vcols)
             + "".join(f'<th data-type="num" class="num">{_e(h)}</th>' for _, h in mcols) + "</tr>")
     body = []
@@ -86,8 +94,9 @@ def _runs_table(report) -> str:
         cells = [f'<td data-v="{_e(r["label"])}">{star}<span class="swatch" style="background:'
                  f'{report["colors"][r["variant_label"]]}"></span>{_e(r["label"])}'
                  f'<div class="path" title="{_e(r["id"])}">{_e(r["name"])}</div></td>',
-                 f'<td data-v="{_e(r["status"])}">{_badge(r["status"])}</td>']
-        cells += [f'<td>{_e(r["variant"].get(c))}</td>' for c in vcols]
+                 f'<td data-v="{_e(r["status"])}">{_badge(r["status"])}</td>',
+                 f'<td>{_e(r["task"])}</td><td>{_e(r["budget"])}</td><td>{_e(r["left_out"] or "yes")}</td>']
+        cells += [f'<td>{_e(fmt_lr(r["lr"]) if c == "lr" else r["variant"].get(c))}</td>' for c in vcols]
         for k, _ in mcols:
             est = k == "kv_cache_bytes_per_token" and r.get("kv_estimated") and r[k] is not None
             cells.append(f'<td class="num" data-v="{"" if r[k] is None else r[k]}"'
@@ -96,8 +105,8 @@ def _runs_table(report) -> str:
         body.append(f'<tr class="{"" if r["status"] == FINISHED else "dnf"}">' + "".join(cells) + "</tr>")
     note = ('<p class="hint">* counted by the model (the run was not benchmarked).</p>'
             if any(r.get("kv_estimated") for r in report["runs"]) else "")
-    return ('<section id="runs"><h2>Runs</h2><p class="hint">Click a heading to sort. ★ marks the Pareto '
-            'front: no other run has both lower perplexity and higher training throughput.</p>'
+    return ('<section id="runs"><h2>Runs</h2><p class="hint">Click a heading to sort. ★ marks the front of '
+            f'validation loss against {_e(report["cost"]["label"])}: no other compared run is better on both.</p>'
             f'<div class="table-wrap"><table class="sortable" id="runs-table"><thead>{head}</thead>'
             f'<tbody>{"".join(body)}</tbody></table></div>{note}</section>')
 
@@ -121,24 +130,67 @@ def _effects(report) -> str:
             f'<tr><td>{_e(c["choice"])}</td><td class="num">{c["runs"]}</td><td class="num">{c["seeds"]}</td>'
             f'<td class="num">{_e(fmt_interval(c, "val_loss"))}</td>'
             f'<td class="num">{_e(fmt_interval(c, "val_ppl"))}</td>'
-            f'<td class="num">{"best" if c["delta_ppl"] == 0 else "+" + format(c["delta_ppl"], ".2f")}</td>'
+            f'<td class="num">{"best" if c["delta_loss"] == 0 else "+" + format(c["delta_loss"], ".4f")}</td>'
             f'<td class="num">{_e(fmt_interval(c, "train_tokens_per_s"))}</td></tr>' for c in fam["choices"])
         blocks.append(
             f'<div class="effect"><h3>{_e(family_title(fam))}</h3><div class="grid2">'
             '<table class="effects"><thead><tr><th>choice</th><th class="num">runs</th><th class="num">seeds'
-            '</th><th class="num">val loss</th><th class="num">val ppl</th><th class="num">Δ ppl</th>'
+            '</th><th class="num">val loss</th><th class="num">val ppl</th><th class="num">Δ loss</th>'
             f'<th class="num">train tok/s</th></tr></thead><tbody>{rows}</tbody></table>'
             f'<figure class="chart small" data-chart="effect" data-index="{i}"></figure></div></div>')
     return ('<section id="effects"><h2>Effect of each choice</h2><p class="hint">For each family, the mean '
-            'over the finished runs with that choice (averaged per seed, then across seeds, so the other '
-            'families are averaged out); with several seeds, [95% t-interval across seeds]. Δ ppl is '
-            'against the family\'s best choice.</p>' + "".join(blocks) + "</section>")
+            'over the compared finished runs with that choice (averaged per seed, then across seeds, so the other '
+            'families are averaged out); with several seeds, [95% t-interval across seeds] on loss, and '
+            'perplexity\'s as its exponential. Ranked by validation loss; Δ loss is against the family\'s best '
+            'choice.</p>' + "".join(blocks) + "</section>")
 
 
-CURVES = """<section id="curves"><h2>Loss curves</h2><p class="hint">Against training tokens; one colour per
-variant (seeds share it; dotted: did not finish). Click a legend entry to hide or show it; hover for values.</p>
+def _table(head, rows) -> str:
+    return ("<table class=\"effects\"><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>"
+            + "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows) + "</tbody></table>")
+
+
+def _verdicts(report) -> str:
+    if not report["verdicts"]:
+        return ('<section id="verdicts"><h2>Verdicts</h2><p class="hint">No family has two choices among the '
+                'compared runs.</p></section>')
+    items = "".join(f"<li>{_e(verdict_line(v))}</li>" for v in report["verdicts"])
+    return ('<section id="verdicts"><h2>Verdicts</h2><p class="hint">Each choice against the reference choice, '
+            'paired by seed (each variant at its best learning rate): mean difference in validation loss with its '
+            f'95% t-interval; negative is better.</p><ul class="verdicts">{items}</ul>'
+            + _table(VERDICT_HEAD, verdict_rows(report["verdicts"])) + "</section>")
+
+
+def _lr_tuning(report) -> str:
+    if not report["lr_tuning"]:
+        return ""
+    grid = sorted({lr for t in report["lr_tuning"] for lr in t["grid"] if lr is not None})
+    rows = [[t["variant_label"], *lr_cells(t, grid, "{} (best)"), fmt_lr(t["best_lr"])
+             + (" ⚠ edge of the grid: widen it" if t["at_edge"] else "")] for t in report["lr_tuning"]]
+    return ('<section id="lr"><h2>Learning rates</h2><p class="hint">Validation loss averaged over seeds at each '
+            'learning rate; each variant is compared at its own best.</p>'
+            + _table(["variant", *map(fmt_lr, grid), "best lr"], rows) + "</section>")
+
+
+def _by_size(report) -> str:
+    if not report["by_size"]:
+        return ""
+    blocks = []
+    for s in report["by_size"]:
+        size = " ".join(f"{k}={v}" for k, v in s["size"].items())
+        params = f" ({fmt('params', s['params_non_embedding'])} non-embedding)" if s["params_non_embedding"] else ""
+        blocks.append(f"<h3>{_e(size + params)}</h3>" + (_table(VERDICT_HEAD, verdict_rows(s["verdicts"]))
+                                                         if s["verdicts"] else '<p class="hint">No pairs.</p>'))
+    return ('<section id="by-size"><h2>Effects by model size</h2><p class="hint">The paired verdicts at each '
+            'size: does a gain grow or shrink with scale?</p>' + "".join(blocks) + "</section>")
+
+
+CURVES = """<section id="curves"><h2>Loss curves</h2><p class="hint">Against training tokens, training FLOPs
+(analytic: FLOPs/token x tokens) or training time (the buttons above the validation chart); one colour per variant (seeds share it; dotted: did not
+finish). Click a legend entry to hide or show it; hover for values.</p>
 <div class="grid2">
-<figure class="chart" data-chart="curves" data-kind="val"><figcaption>validation loss</figcaption></figure>
+<figure class="chart" data-chart="curves" data-kind="val" data-axes="tokens flops seconds"><figcaption>validation
+loss</figcaption></figure>
 <figure class="chart" data-chart="curves" data-kind="train"><figcaption>training loss</figcaption></figure>
 </div></section>"""
 
@@ -150,18 +202,21 @@ starred: counted by the model, because no run of that variant was benchmarked.</
 
 
 def _pareto(report) -> str:
-    front = sorted((r for r in report["runs"] if r["pareto"]), key=lambda r: r["val_ppl"])
+    cost = report["cost"]
+    front = sorted((r for r in report["runs"] if r["pareto"]), key=lambda r: r["val_loss"])
     rows = "".join(f'<tr><td><span class="swatch" style="background:{report["colors"][r["variant_label"]]}">'
-                   f'</span>{_e(r["label"])}</td><td class="num">{_e(fmt("val_ppl", r["val_ppl"]))}</td>'
-                   f'<td class="num">{_e(fmt("train_tokens_per_s", r["train_tokens_per_s"]))}</td></tr>'
+                   f'</span>{_e(r["label"])}</td><td class="num">{_e(fmt("val_loss", r["val_loss"]))}</td>'
+                   f'<td class="num">{_e(fmt(cost["key"], r[cost["key"]]))}</td></tr>'
                    for r in front)
-    table = ('<table class="front"><thead><tr><th>Pareto front</th><th class="num">val ppl</th>'
-             f'<th class="num">train tok/s</th></tr></thead><tbody>{rows}</tbody></table>' if front else "")
-    return ('<section id="pareto"><h2>Quality vs speed</h2><p class="hint">Validation perplexity against '
-            'training throughput; the dashed line joins the Pareto front (ringed points): each is the '
-            'lowest perplexity at its speed or faster. Lower right is better.</p><div class="grid2 wide-left">'
-            '<figure class="chart" data-chart="pareto"><figcaption>perplexity vs training tokens/s</figcaption>'
-            f'</figure>{table}</div></section>')
+    table = ('<table class="front"><thead><tr><th>Pareto front</th><th class="num">val loss</th>'
+             f'<th class="num">{_e(cost["label"])}</th></tr></thead><tbody>{rows}</tbody></table>' if front else "")
+    better = "higher" if cost["higher_is_better"] else "lower"
+    return ('<section id="pareto"><h2>Quality vs cost</h2><p class="hint">Validation loss of the compared runs '
+            f'(each variant at its best learning rate) against {_e(cost["label"])} (compare.cost={_e(cost["name"])}; '
+            f'{better} is better); the dashed line joins the Pareto front (ringed points). Analytic costs '
+            '(flops, params, kv_bytes) do not move with a busy machine; measured tokens/s does.</p>'
+            '<div class="grid2 wide-left"><figure class="chart" data-chart="pareto"><figcaption>validation loss vs '
+            f'{_e(cost["label"])}</figcaption></figure>{table}</div></section>')
 
 
 HEAD = """<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">

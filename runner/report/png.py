@@ -57,23 +57,26 @@ def plot_curves(report, path):
 
 
 def plot_pareto(report, path):
-    runs = [r for r in report["runs"] if r["status"] == FINISHED and r["val_ppl"] is not None
-            and r["train_tokens_per_s"] is not None]
+    cost = report["cost"]
+    key = cost["key"]
+    runs = [r for r in report["runs"] if r["status"] == FINISHED and not r["left_out"] and r["val_loss"] is not None
+            and r[key] is not None]
     if not runs:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    front = sorted((r for r in runs if r["pareto"]), key=lambda r: r["train_tokens_per_s"])
-    ax.plot([r["train_tokens_per_s"] for r in front], [r["val_ppl"] for r in front], color="#333",
+    front = sorted((r for r in runs if r["pareto"]), key=lambda r: r[key])
+    ax.plot([r[key] for r in front], [r["val_loss"] for r in front], color="#333",
             linewidth=1, linestyle="--", label="Pareto front", zorder=1)
     seen = set()
     for r in runs:
         first = r["variant_label"] not in seen
         seen.add(r["variant_label"])
-        ax.scatter(r["train_tokens_per_s"], r["val_ppl"], s=60 if r["pareto"] else 36, zorder=2,
+        ax.scatter(r[key], r["val_loss"], s=60 if r["pareto"] else 36, zorder=2,
                    color=report["colors"][r["variant_label"]], edgecolors="#111" if r["pareto"] else "none",
                    linewidths=1.2, label=r["variant_label"] if first else None)
-    ax.set(title="perplexity vs training throughput (lower right is better)", xlabel="training tokens/s",
-           ylabel="validation perplexity")
+    better = "higher" if cost["higher_is_better"] else "lower"
+    ax.set(title=f"validation loss vs {cost['label']} ({better} cost axis is better)", xlabel=cost["label"],
+           ylabel="validation loss")
     ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax.legend(loc="best")
     return _save(fig, path)
@@ -122,13 +125,13 @@ def plot_effects(report, path):
     for ax, fam in zip(axes.flat, fams):
         choices = fam["choices"][::-1]
         y = range(len(choices))
-        means = [c["val_ppl"] for c in choices]
-        err = [[c["val_ppl"] - c["val_ppl_lo"] if c["val_ppl_lo"] is not None else 0 for c in choices],
-               [c["val_ppl_hi"] - c["val_ppl"] if c["val_ppl_hi"] is not None else 0 for c in choices]]
+        means = [c["val_loss"] for c in choices]
+        err = [[c["val_loss"] - c["val_loss_lo"] if c["val_loss_lo"] is not None else 0 for c in choices],
+               [c["val_loss_hi"] - c["val_loss"] if c["val_loss_hi"] is not None else 0 for c in choices]]
         ax.errorbar(means, y, xerr=err, fmt="o", color="#4e79a7", ecolor="#888", capsize=3)
         ax.set_yticks(list(y), [f"{'–' if c['choice'] is None else c['choice']} (n={c['runs']})" for c in choices])
         ax.set_title(family_title(fam))
-        ax.set_xlabel("validation perplexity" + (" (95% CI over seeds)" if any(c["seeds"] > 1 for c in choices)
+        ax.set_xlabel("validation loss" + (" (95% CI over seeds)" if any(c["seeds"] > 1 for c in choices)
                                                  else ""))
         ax.margins(y=0.3)
     return _save(fig, path)

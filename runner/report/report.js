@@ -36,7 +36,8 @@
   }
   // Tick labels with as many decimals as the tick step needs (0.01 → "5.62", 50 → "350", 500 → "1.5k").
   function tickLabel(t, step) {
-    var scale = Math.abs(step) >= 1e6 || Math.abs(t) >= 1e6 ? [1e6, "M"] : Math.abs(step) >= 100 && Math.abs(t) >= 1e3 ? [1e3, "k"] : [1, ""];
+    var big = Math.max(Math.abs(step), Math.abs(t));
+    var scale = big >= 1e12 ? [1e12, "T"] : big >= 1e9 ? [1e9, "G"] : Math.abs(step) >= 1e6 || Math.abs(t) >= 1e6 ? [1e6, "M"] : Math.abs(step) >= 100 && Math.abs(t) >= 1e3 ? [1e3, "k"] : [1, ""];
     var digits = Math.max(0, -Math.floor(Math.log10(step / scale[0]) + 1e-9));
     return (t / scale[0]).toFixed(Math.min(digits, 6)) + scale[1];
   }
@@ -97,18 +98,42 @@
   }
   function unique(list) { return list.filter(function (v, i) { return list.indexOf(v) === i; }); }
 
-  function curves(fig) {
-    var kind = fig.getAttribute("data-kind"), series = [];
+  // Loss curves against training tokens, or (buttons from data-axes) analytic training FLOPs or seconds.
+  var XAXES = {tokens: "training tokens", flops: "training FLOPs (analytic)", seconds: "training seconds"};
+  function xValue(p, run, axis) {
+    if (axis === "flops") return p.tokens !== null && p.tokens !== undefined && run.flops_per_token ? p.tokens * run.flops_per_token : null;
+    if (axis === "seconds") return p.seconds !== undefined ? p.seconds : null;
+    return p.tokens !== null && p.tokens !== undefined ? p.tokens : p.step;
+  }
+  function curves(fig, axis) {
+    var kind = fig.getAttribute("data-kind"), series = [], axes = (fig.getAttribute("data-axes") || "").split(" ");
+    axis = axis || "tokens";
+    if (axes.length > 1 && !fig.querySelector(".axis-buttons")) {
+      var bar = document.createElement("div");
+      bar.className = "axis-buttons";
+      axes.forEach(function (a) {
+        var b = document.createElement("button");
+        b.textContent = a;
+        b.setAttribute("data-axis", a);
+        b.addEventListener("click", function () {
+          fig.querySelectorAll("svg, .legend, .empty").forEach(function (n) { n.remove(); });
+          curves(fig, a);
+        });
+        bar.appendChild(b);
+      });
+      fig.insertBefore(bar, fig.firstChild);
+    }
+    fig.querySelectorAll(".axis-buttons button").forEach(function (b) { b.classList.toggle("on", b.getAttribute("data-axis") === axis); });
     DATA.runs.forEach(function (r) {
-      var pts = ((r.curves || {})[kind] || []).filter(function (p) { return p.loss !== null && p.loss !== undefined; });
-      if (pts.length) series.push({run: r, pts: pts.map(function (p) {
-        return [p.tokens !== null && p.tokens !== undefined ? p.tokens : p.step, p.loss, p.step]; })});
+      var pts = ((r.curves || {})[kind] || []).filter(function (p) {
+        return p.loss !== null && p.loss !== undefined && xValue(p, r, axis) !== null; });
+      if (pts.length) series.push({run: r, pts: pts.map(function (p) { return [xValue(p, r, axis), p.loss, p.step]; })});
     });
-    if (!series.length) return empty(fig, "no " + kind + " curves recorded");
+    if (!series.length) return empty(fig, "no " + kind + " curves recorded against " + XAXES[axis]);
     var xs = [], ys = [];
     series.forEach(function (s) { s.pts.forEach(function (p) { xs.push(p[0]); ys.push(p[1]); }); });
     var f = frame(fig, [Math.min(0, Math.min.apply(null, xs)), Math.max.apply(null, xs)], extent(ys, 0.06),
-                  "training tokens", kind === "val" ? "validation loss" : "training loss");
+                  XAXES[axis], kind === "val" ? "validation loss" : "training loss");
     series.forEach(function (s) {
       var color = DATA.colors[s.run.variant_label], g = el("g", {"data-variant": s.run.variant_label}, f.plot);
       var d = s.pts.map(function (p, i) { return (i ? "L" : "M") + f.x(p[0]).toFixed(1) + "," + f.y(p[1]).toFixed(1); }).join("");
@@ -117,27 +142,29 @@
       el("title", {}, line, s.run.label + " (" + s.run.status + ")");
       if (s.pts.length <= 30) s.pts.forEach(function (p) {
         var c = el("circle", {cx: f.x(p[0]), cy: f.y(p[1]), r: 2.6, fill: color}, g);
-        el("title", {}, c, s.run.label + "\nstep " + p[2] + " · " + fmt(p[0]) + " tokens · loss " + p[1].toFixed(4));
+        el("title", {}, c, s.run.label + "\nstep " + p[2] + " · " + fmt(p[0]) + " " + axis + " · loss " + p[1].toFixed(4));
       });
     });
     legend(fig, f.svg, unique(series.map(function (s) { return s.run.variant_label; })));
     fig.setAttribute("data-rendered", "true");
   }
 
+  // Validation loss against the chosen cost (DATA.cost): the compared runs, each variant at its best lr.
   function pareto(fig) {
-    var runs = DATA.runs.filter(function (r) { return r.status === "ok" && r.val_ppl !== null && r.train_tokens_per_s !== null; });
-    if (!runs.length) return empty(fig, "no finished run has both perplexity and throughput");
-    var f = frame(fig, extent(runs.map(function (r) { return r.train_tokens_per_s; }), 0.08),
-                  extent(runs.map(function (r) { return r.val_ppl; }), 0.08), "training tokens/s", "validation perplexity",
+    var key = DATA.cost.key;
+    var runs = DATA.runs.filter(function (r) { return r.status === "ok" && !r.left_out && r.val_loss !== null && r[key] !== null && r[key] !== undefined; });
+    if (!runs.length) return empty(fig, "no compared run has both a validation loss and " + DATA.cost.label);
+    var f = frame(fig, extent(runs.map(function (r) { return r[key]; }), 0.08),
+                  extent(runs.map(function (r) { return r.val_loss; }), 0.08), DATA.cost.label, "validation loss",
                   [620, 360]);
-    var front = runs.filter(function (r) { return r.pareto; }).sort(function (a, b) { return a.train_tokens_per_s - b.train_tokens_per_s; });
-    el("path", {d: front.map(function (r, i) { return (i ? "L" : "M") + f.x(r.train_tokens_per_s) + "," + f.y(r.val_ppl); }).join(""),
+    var front = runs.filter(function (r) { return r.pareto; }).sort(function (a, b) { return a[key] - b[key]; });
+    el("path", {d: front.map(function (r, i) { return (i ? "L" : "M") + f.x(r[key]) + "," + f.y(r.val_loss); }).join(""),
                 fill: "none", stroke: "#333", "stroke-width": 1.2, "stroke-dasharray": "5 4", "class": "front-line"}, f.plot);
     runs.forEach(function (r) {
-      var c = el("circle", {cx: f.x(r.train_tokens_per_s), cy: f.y(r.val_ppl), r: r.pareto ? 6 : 4.5, "class": "point",
+      var c = el("circle", {cx: f.x(r[key]), cy: f.y(r.val_loss), r: r.pareto ? 6 : 4.5, "class": "point",
                             fill: DATA.colors[r.variant_label], stroke: r.pareto ? "#111" : "#fff", "stroke-width": r.pareto ? 1.8 : 1,
                             "data-variant": r.variant_label}, f.plot);
-      el("title", {}, c, r.label + "\nppl " + r.val_ppl.toFixed(2) + " · " + fmt(r.train_tokens_per_s) + " tok/s" + (r.pareto ? "\nPareto front" : ""));
+      el("title", {}, c, r.label + "\nloss " + r.val_loss.toFixed(4) + " · " + fmt(r[key]) + " " + DATA.cost.label + (r.pareto ? "\nPareto front" : ""));
     });
     legend(fig, f.svg, unique(runs.map(function (r) { return r.variant_label; })));
     fig.setAttribute("data-rendered", "true");
@@ -175,11 +202,11 @@
     fig.setAttribute("data-rendered", "true");
   }
 
-  // Forest plot: each choice's mean perplexity with its 95% interval across seeds.
+  // Forest plot: each choice's mean validation loss with its 95% interval across seeds.
   function effect(fig) {
     var fam = DATA.effects[+fig.getAttribute("data-index")], cs = fam.choices;
     var values = [];
-    cs.forEach(function (c) { values.push(c.val_ppl); if (c.val_ppl_lo !== null) values.push(c.val_ppl_lo, c.val_ppl_hi); });
+    cs.forEach(function (c) { values.push(c.val_loss); if (c.val_loss_lo !== null) values.push(c.val_loss_lo, c.val_loss_hi); });
     var W = 380, rowH = 26, labelW = 110, h = M.t + rowH * cs.length + 40, d = extent(values, 0.1);
     var svg = el("svg", {viewBox: "0 0 " + W + " " + h, role: "img"});
     fig.appendChild(svg);
@@ -193,15 +220,15 @@
     cs.forEach(function (c, i) {
       var y = M.t + i * rowH + rowH / 2, g = el("g", {"class": "effect-row"}, svg), name = String(c.choice === null ? "–" : c.choice);
       el("text", {x: labelW - 8, y: y + 4, "text-anchor": "end"}, g, name.length > 18 ? name.slice(0, 17) + "…" : name);
-      if (c.val_ppl_lo !== null) {
-        el("line", {x1: x(c.val_ppl_lo), x2: x(c.val_ppl_hi), y1: y, y2: y, stroke: "#888", "stroke-width": 1.5}, g);
-        [c.val_ppl_lo, c.val_ppl_hi].forEach(function (v) { el("line", {x1: x(v), x2: x(v), y1: y - 5, y2: y + 5, stroke: "#888"}, g); });
+      if (c.val_loss_lo !== null) {
+        el("line", {x1: x(c.val_loss_lo), x2: x(c.val_loss_hi), y1: y, y2: y, stroke: "#888", "stroke-width": 1.5}, g);
+        [c.val_loss_lo, c.val_loss_hi].forEach(function (v) { el("line", {x1: x(v), x2: x(v), y1: y - 5, y2: y + 5, stroke: "#888"}, g); });
       }
-      var dot = el("circle", {cx: x(c.val_ppl), cy: y, r: 5, fill: i === 0 ? "#59a14f" : "#4e79a7"}, g);
-      el("title", {}, dot, name + ": ppl " + c.val_ppl.toFixed(2) + (c.val_ppl_lo !== null ? " [" + c.val_ppl_lo.toFixed(2) + ", " +
-         c.val_ppl_hi.toFixed(2) + "]" : "") + " · " + c.runs + " runs, " + c.seeds + " seeds");
+      var dot = el("circle", {cx: x(c.val_loss), cy: y, r: 5, fill: i === 0 ? "#59a14f" : "#4e79a7"}, g);
+      el("title", {}, dot, name + ": loss " + c.val_loss.toFixed(4) + (c.val_loss_lo !== null ? " [" + c.val_loss_lo.toFixed(4) + ", " +
+         c.val_loss_hi.toFixed(4) + "]" : "") + " · " + c.runs + " runs, " + c.seeds + " seeds");
     });
-    el("text", {x: (labelW + W) / 2, y: h - 3, "text-anchor": "middle"}, axis, "validation perplexity");
+    el("text", {x: (labelW + W) / 2, y: h - 3, "text-anchor": "middle"}, axis, "validation loss");
     fig.setAttribute("data-rendered", "true");
   }
 

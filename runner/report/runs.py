@@ -7,11 +7,13 @@ from pathlib import Path
 from runner.report.format import FINISHED, fmt_value
 from runner.tracking import FAMILIES, sweep_group_name
 
-# Tableau 10: one colour per variant, shared by the HTML charts and the PNGs (seeds share their variant's).
+# Tableau 10: one colour per variant, shared by the HTML charts and the PNGs (seeds share their variant's);
+# past ten variants, colour() spreads further hues so that no two variants share one.
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
            "#9c755f", "#bab0ac")
 # Per-run numbers shown in the table: (key, heading, where in results.json).
 METRICS = (("params", "params", ("params",)),
+           ("steps", "steps", ("metrics", "steps")),
            ("val_loss", "val loss", ("metrics", "val_loss")),
            ("val_ppl", "val ppl", ("metrics", "val_ppl")),
            ("final_train_loss", "train loss", ("metrics", "final_train_loss")),
@@ -19,7 +21,13 @@ METRICS = (("params", "params", ("params",)),
            ("mfu", "MFU", ("metrics", "mfu")),
            ("decode_tokens_per_s", "decode tok/s", ("bench", "decode_tokens_per_s")),
            ("peak_memory_bytes", "peak memory", ("bench", "peak_memory_bytes")),
-           ("kv_cache_bytes_per_token", "KV bytes/token", ("bench", "kv_cache_bytes_per_token")))
+           ("kv_cache_bytes_per_token", "KV bytes/token", ("bench", "kv_cache_bytes_per_token")),
+           ("flops_per_token", "FLOPs/token", ("flops_per_token",)))
+# Recorded numbers the report uses without a column of their own.
+EXTRA = (("params_non_embedding", ("params_non_embedding",)), ("train_tokens", ("metrics", "train_tokens")),
+         ("train_flops", ("metrics", "train_flops")), ("train_seconds", ("metrics", "train_seconds")))
+# Training settings that name a budget; exactly one is set in a run (runner/train.py).
+BUDGET_KEYS = (("max_flops", "FLOPs"), ("max_tokens", "tokens"), ("max_seconds", "s"), ("max_steps", "steps"))
 
 
 def gather(dirs) -> list[dict]:
@@ -29,6 +37,15 @@ def gather(dirs) -> list[dict]:
     runs = [r for r in runs if r["task"] != "compare"]
     label_runs(runs)
     return runs
+
+
+def colour(i: int) -> str:
+    """The i-th variant's colour: Tableau 10, then golden-angle hues (distinct, never repeating)."""
+    if i < len(PALETTE):
+        return PALETTE[i]
+    import colorsys
+    r, g, b = colorsys.hls_to_rgb((i * 0.618033988749895) % 1.0, 0.45, 0.55)
+    return f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
 
 
 def load_run(path: Path) -> dict:
@@ -44,26 +61,69 @@ def load_run(path: Path) -> dict:
         "id": str(run_dir), "name": run_dir.name, "status": data.get("status") or "unknown",
         "task": data.get("task"), "group": (data.get("wandb") or {}).get("group") or _sweep_group(run_dir),
         "variant": variant, "seed": variant.get("seed"), "started_at": data.get("started_at"),
+        "lr": _number(_dig(data, ("config", "train", "lr"))), "budget": _budget(data),
         "device": data.get("device"), "device_name": data.get("device_name"),
         "error": _error_text(data.get("error")),
-        "curves": {k: [{f: p.get(f) for f in ("step", "tokens", "loss")} for p in pts]
+        "curves": {k: [{f: p.get(f) for f in ("step", "tokens", "loss", "seconds")} for p in pts]
                    for k, pts in ((data.get("curves") or {}).items()) if isinstance(pts, list)},
     }
+    _time_val_points(row["curves"])
     for key, _, where in METRICS:
         row[key] = _number(_dig(data, where))
     for task, scores in ((data.get("metrics") or {}).get("lm_eval") or {}).items():  # task=lm_eval: one per metric
         for name, value in scores.items():
             if not name.endswith("_stderr"):
                 row[f"lm_eval/{task}/{name}"] = _number(value)
+    for key, where in EXTRA:
+        row[key] = _number(_dig(data, where))
+    if row["train_flops"] is None and row["flops_per_token"] and row["train_tokens"]:
+        row["train_flops"] = row["flops_per_token"] * row["train_tokens"]
     if row["kv_cache_bytes_per_token"] is None:  # no benchmark: the model's own count, recorded by every task
         row["kv_cache_bytes_per_token"] = _number(data.get("kv_cache_bytes_per_token"))
         row["kv_estimated"] = row["kv_cache_bytes_per_token"] is not None
     return row
 
 
+def _time_val_points(curves: dict) -> None:
+    """Validation points carry no clock (a resumed curve must equal an uninterrupted one): their training
+    seconds are interpolated between the logged training points around their step."""
+    train = [(p["step"], p["seconds"]) for p in curves.get("train", []) if p.get("seconds") is not None]
+    for p in curves.get("val", []):
+        if p.get("seconds") is not None or not train or p.get("step") is None:
+            continue
+        before = [(s, t) for s, t in [(0, 0.0), *train] if s <= p["step"]][-1]
+        after = next(((s, t) for s, t in train if s >= p["step"]), None)
+        if after is None:
+            continue
+        p["seconds"] = before[1] if after[0] == before[0] else (
+            before[1] + (after[1] - before[1]) * (p["step"] - before[0]) / (after[0] - before[0]))
+
+
+def _budget(data: dict) -> str | None:
+    """What a training run was given to spend, with what it was spent on: "2e+12 FLOPs, seq_len=128, data=stdlib"
+    (or "300 steps x 16 rows"). Runs with different budgets are never averaged together."""
+    if data.get("task") not in (None, "train"):
+        return None
+    train = _dig(data, ("config", "train")) or {}
+    spec = next((f"{train[k]:.3g} {unit}" for k, unit in BUDGET_KEYS[:3] if train.get(k) is not None), None)
+    steps = train.get("max_steps")
+    if spec is None and steps is None and data.get("status") == "ok":  # a record without its config
+        steps = (data.get("metrics") or {}).get("steps") or max(
+            (p.get("step") or 0 for p in (data.get("curves") or {}).get("train") or []), default=None)
+    if spec is None and steps is not None:
+        spec = f"{steps} steps" + (f" x {train['batch_size']} rows" if train.get("batch_size") else "")
+    if spec is None:
+        return None
+    data_name = _dig(data, ("config", "data", "name"))
+    seq_len = (data.get("variant") or {}).get("seq_len")
+    return spec + (f", seq_len={seq_len}" if seq_len else "") + (f", data={data_name}" if data_name else "")
+
+
 def label_runs(runs: list[dict]) -> None:
     """Name each run by the variant fields that differ across runs, skipping fields that an earlier
-    field already determines (in an attention sweep `attention=sliding` implies its window)."""
+    field already determines (in an attention sweep `attention=sliding` implies its window); then the
+    learning rate, budget and task where they differ. Two different runs never share a label: a clash is
+    told apart by the sweep, then by the directory."""
     varying = [f for f in FAMILIES if len({r["variant"].get(f) for r in runs}) > 1]
     done = [r for r in runs if r["status"] == FINISHED] or runs
     shown = []
@@ -77,8 +137,18 @@ def label_runs(runs: list[dict]) -> None:
         odd = [g for g in varying if g not in shown
                and (g, *(r["variant"].get(f) for f in shown + [g])) not in seen]
         parts = [f"{f}={fmt_value(r['variant'].get(f))}" for f in shown + odd]
-        r["variant_label"] = " ".join(parts) or r["variant"].get("preset") or r["name"]
-        r["label"] = r["variant_label"] + (f" seed={r['seed']}" if multi_seed else "")
+        extra = [f"{k}={fmt_value(r.get(k))}" for k in ("task", "budget")
+                 if r.get(k) is not None and len({q.get(k) for q in runs if q.get(k) is not None}) > 1]
+        r["variant_label"] = " ".join(parts + extra) or r["variant"].get("preset") or r["name"]
+        lr = f" lr={r['lr']:g}" if r["lr"] is not None and len({q["lr"] for q in runs} - {None}) > 1 else ""
+        r["label"] = r["variant_label"] + lr + (f" seed={r['seed']}" if multi_seed else "")
+    for key in ("group", "name", "id"):  # tell clashing labels apart
+        counts = defaultdict(int)
+        for r in runs:
+            counts[r["label"]] += 1
+        for r in runs:
+            if counts[r["label"]] > 1 and r.get(key):
+                r["label"] += f" [{r[key]}]"
     for r in runs:
         r["varying"], r["label_fields"] = varying, shown
 

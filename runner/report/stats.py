@@ -46,10 +46,12 @@ def mean_interval(values: list[float], level: float = 0.95):
     return m, m - half, m + half
 
 
-def effects(runs: list[dict], metrics=("val_loss", "val_ppl", "train_tokens_per_s")) -> list[dict]:
+def effects(runs: list[dict], metrics=("val_loss", "train_tokens_per_s")) -> list[dict]:
     """Per family with two or more choices among finished runs: per choice, each metric's mean over the
-    per-seed means, and its 95% t-interval across seeds when there are several."""
-    done = [r for r in runs if r["status"] == FINISHED and r["val_ppl"] is not None]
+    per-seed means, and its 95% t-interval across seeds when there are several. The interval is taken on
+    loss, which is roughly normal across seeds; perplexity's is its exponential (never negative).
+    Choices rank by validation loss."""
+    done = [r for r in runs if r["status"] == FINISHED and r["val_loss"] is not None]
     out, partitions = [], {}
     for family in FAMILIES:
         by_choice = defaultdict(list)
@@ -75,19 +77,24 @@ def effects(runs: list[dict], metrics=("val_loss", "val_ppl", "train_tokens_per_
                         [statistics.fmean(v) for v in per_seed.values()])
                 else:
                     row[m] = row[m + "_lo"] = row[m + "_hi"] = None
+            row["val_ppl"], row["val_ppl_lo"], row["val_ppl_hi"] = (
+                None if x is None else math.exp(x) for x in (row["val_loss"], row["val_loss_lo"], row["val_loss_hi"]))
             rows.append(row)
-        rows.sort(key=lambda row: row["val_ppl"])
+        rows.sort(key=lambda row: row["val_loss"])
         for row in rows:
+            row["delta_loss"] = row["val_loss"] - rows[0]["val_loss"]
             row["delta_ppl"] = row["val_ppl"] - rows[0]["val_ppl"]
         out.append({"family": family, "choices": rows, "same_as": []})
         partitions[partition] = out[-1]
     return out
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the (ppl, tokens/s) points no other point beats: lower perplexity, higher throughput.
-    Sweep by throughput, descending: a point is on the front if its perplexity beats all faster ones."""
-    order = sorted(range(len(points)), key=lambda i: (-points[i][1], points[i][0]))
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
+    """Indices of the (quality, cost) points no other point beats: lower loss/perplexity, and higher second
+    coordinate (throughput) or, with higher_is_better=False, lower (FLOPs, parameters, bytes).
+    Sweep by the second coordinate, best first: a point is on the front if it beats all better ones."""
+    sign = -1 if higher_is_better else 1
+    order = sorted(range(len(points)), key=lambda i: (sign * points[i][1], points[i][0]))
     front, best = [], math.inf
     for i in order:
         if points[i][0] < best:
@@ -96,5 +103,3 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
         elif front and points[i] == points[front[-1]]:  # an exact duplicate of a front point
             front.append(i)
     return sorted(front)
-
-

@@ -1,0 +1,61 @@
+"""A sweep stops as a whole on SIGTERM (after the running job checkpoints) and its printed command resumes it:
+finished jobs kept, the interrupted one continued from its checkpoint, the rest started."""
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from test_train import TINY, results, run
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_sweep_and_its_resume_finishes_every_job(tmp_path, cache_dir):
+    run(["hydra.run.dir=warm", "train.max_steps=1"], tmp_path, cache_dir)  # data cached: jobs start fast
+    steps = ["train.max_steps=60", "train.eval_every=2", "train.eval_batches=1", "train.checkpoint_every=1000"]
+    args = ["-m", *TINY, f"cache_dir={cache_dir}", "train.seed=0,1,2", *steps, "hydra.sweep.dir=sweep"]
+    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    first = tmp_path / "sweep" / "0_gqa_rope" / "results.json"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # until job 0 is in its training loop (a validation point is recorded)
+        if first.exists() and json.loads(first.read_text() or "{}").get("curves", {}).get("val"):
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    r0 = results(tmp_path / "sweep" / "0_gqa_rope")
+    assert r0["status"] == "interrupted"
+    ckpt = list((tmp_path / "sweep" / "0_gqa_rope" / "checkpoints").glob("step_*.pt"))
+    assert len(ckpt) == 1
+    stopped_at = int(ckpt[0].stem.split("_")[1])
+    assert 0 < stopped_at < 60
+    assert not (tmp_path / "sweep" / "1_gqa_rope").exists()  # the next jobs never started
+
+    lines = [line for line in stdout.splitlines() if line.startswith("python run.py -m")]
+    assert len(lines) == 1, stdout[-2000:]
+    printed = shlex.split(lines[0])
+    assert "train.resume=true" in printed and f"hydra.sweep.dir={tmp_path / 'sweep'}" in printed
+    assert "train.seed=0,1,2" in printed
+
+    out = subprocess.run([sys.executable, str(ROOT / "run.py"), *printed[2:]], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=400, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for job, seed in enumerate((0, 1, 2)):
+        r = results(tmp_path / "sweep" / f"{job}_gqa_rope")
+        assert r["status"] == "ok" and r["metrics"]["steps"] == 60 and r["variant"]["seed"] == seed
+    assert results(tmp_path / "sweep" / "0_gqa_rope")["resumed_from"].endswith(ckpt[0].name)
+
+    # resuming once more keeps every finished job as it is
+    before = {p: p.read_text() for p in (tmp_path / "sweep").glob("*/results.json")}
+    again = subprocess.run([sys.executable, str(ROOT / "run.py"), *printed[2:]], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=400, env=env)
+    assert again.returncode == 0 and again.stdout.count("kept as it is") == 3
+    assert before == {p: p.read_text() for p in (tmp_path / "sweep").glob("*/results.json")}
