@@ -207,7 +207,7 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def fit(self):
-        t, dist = self.t, self.dist
+        dist = self.dist
         self.model.train()
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    mininterval=1.0, disable=not dist.is_main)

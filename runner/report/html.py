@@ -7,7 +7,7 @@ import html
 import json
 from importlib import resources
 
-from runner.report.format import FINISHED, budget_note, family_title, fmt, fmt_interval, fmt_lr, fmt_value
+from runner.report.format import FINISHED, budget_note, family_title, fmt, fmt_interval, fmt_lr
 from runner.report.markdown import VERDICT_HEAD, lr_cells, verdict_rows
 from runner.report.verdicts import verdict_line
 
