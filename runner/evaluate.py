@@ -17,7 +17,7 @@ from omegaconf import DictConfig, open_dict
 from runner.build import build_model, check_model_config, record_model, resolve_device
 from runner.checkpoint import load_model_weights
 from runner.compute import IGNORE, autocast_dtype, batch_loss
-from runner.task import task_run
+from runner.task import config_checks, task_run
 
 
 @torch.no_grad()
@@ -100,7 +100,8 @@ def model_and_perplexity(cfg: DictConfig, device, max_batches: int | None):
 # -- task=eval ------------------------------------------------------------------------------------------------
 def main(cfg: DictConfig):
     with task_run(cfg, "eval", print_summary=print_summary) as run:
-        check_eval_config(cfg)  # before the logger, the data and the weights
+        with config_checks():  # before the logger, the data and the weights
+            check_eval_config(cfg)
         e = cfg.eval
         device = resolve_device(e.get("device") or cfg.train.get("device", "auto"))
         run.start_logger()

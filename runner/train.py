@@ -23,7 +23,7 @@ from runner.build import build_model, check_model_config, record_model
 from runner.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from runner.compute import autocast_dtype, batch_loss
 from runner.evaluate import evaluate, require_checkpoint_tokenizer
-from runner.task import Interrupted, StopSignal, task_run
+from runner.task import Interrupted, StopSignal, config_checks, task_run
 from runner.formatting import format_bytes
 from runner.tracking import PART_FAMILIES, Results, output_dir
 
@@ -85,8 +85,9 @@ def main(cfg: DictConfig):
     with task_run(cfg, "train", print_summary=print_summary, is_main=is_main, out_dir=out_dir) as run:
         run.interrupt_hint = lambda err: (f"{str(err) or 'Ctrl-C'}: stopped without a new checkpoint; latest: "
                                           f"{latest_checkpoint(out_dir)}; resume with: {resume_command(out_dir)}")
-        check_model_config(cfg.model)  # before any data is read or weight allocated
-        check_train_config(cfg)
+        with config_checks():  # before any data is read or weight allocated
+            check_model_config(cfg.model)
+            check_train_config(cfg)
         dist = distributed.setup(cfg.train.distributed, cfg.train.device)
         run.on_close(lambda status: distributed.close(dist, ok=status in ("ok", "interrupted")))
         run.start_logger()

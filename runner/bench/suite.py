@@ -31,7 +31,7 @@ from runner.bench.timing import PeakMemory, free_memory, guarded, memory_kind, t
 from runner.build import record_model, resolve_device
 from runner.compute import autocast_dtype, next_token_loss
 from runner.formatting import dtype_name, format_bytes
-from runner.task import task_run
+from runner.task import config_checks, task_run
 from variants.hf import DTYPES
 
 __all__ = ["run_suite", "main", "device_peak_flops", "kv_cache_size", "print_table"]
@@ -336,12 +336,13 @@ def main(cfg: DictConfig):
     from runner.evaluate import check_eval_config, load_eval_model, model_and_perplexity
 
     with task_run(cfg, "bench", print_summary=lambda record: print_table(record.get("bench"), record_path(record))) as run:
-        perplexity, skipped = wants_perplexity(cfg)
-        if perplexity:
-            check_eval_config(cfg)  # a checkpoint's tokenizer, before any work
-        elif cfg.model.get("vocab_size") is None and not cfg.model.get("checkpoint"):
-            raise ValueError("task=bench needs a vocabulary size: set tokenizer.vocab_size (or model.vocab_size), "
-                             "or bench.perplexity=true to take the tokenizer's")
+        with config_checks():
+            perplexity, skipped = wants_perplexity(cfg)
+            if perplexity:
+                check_eval_config(cfg)  # a checkpoint's tokenizer, before any work
+            elif cfg.model.get("vocab_size") is None and not cfg.model.get("checkpoint"):
+                raise ValueError("task=bench needs a vocabulary size: set tokenizer.vocab_size (or model.vocab_size), "
+                                 "or bench.perplexity=true to take the tokenizer's")
         device = resolve_device(cfg.bench.get("device") or cfg.get("train", {}).get("device", "auto"))
         run.start_logger()
         metrics = {}
