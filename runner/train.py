@@ -12,6 +12,7 @@ import math
 import os
 import shlex
 import time
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, open_dict
@@ -79,6 +80,41 @@ def resume_command(out_dir, overrides: list[str] | None = None) -> str:
     return " ".join(["python run.py", *map(shlex.quote, keep), "train.resume=true", f"hydra.run.dir={out_dir}"])
 
 
+def resumable_runs(root="outputs", limit: int = 5) -> list[tuple[Path, Path]]:
+    """(run directory, latest checkpoint) of the runs under root (runs and sweep jobs), newest first."""
+    found = []
+    for ckpt_dir in [*Path(root).glob("runs/*/*/checkpoints"), *Path(root).glob("sweeps/*/*/*/checkpoints")]:
+        latest = latest_checkpoint(ckpt_dir.parent)
+        if latest is not None:
+            found.append((ckpt_dir.parent, latest))
+    return sorted(found, key=lambda run: run[1].stat().st_mtime, reverse=True)[:limit]
+
+
+def require_checkpoint_to_resume(cfg: DictConfig, out_dir) -> None:
+    """train.resume=true (or a PATH) continues a run; without a checkpoint there it would quietly train from scratch
+    in a new folder. Stop, and list the runs that can be resumed with the command for each. (train.resume=auto,
+    the launchers' setting, and a requeued SLURM job start from scratch when there is none yet.)"""
+    resume = cfg.train.resume
+    if resume is not True and not (isinstance(resume, str) and resume != "auto"):
+        return
+    where = out_dir if resume is True else Path(resume)
+    if latest_checkpoint(where) is not None:
+        return
+    runs = [f"  {run_dir} (step {int(ckpt.stem.split('_')[1])}): {resume_command(run_dir, _saved_overrides(run_dir))}"
+            for run_dir, ckpt in resumable_runs()]
+    raise ValueError(f"train.resume={'true' if resume is True else resume} but {where} holds no checkpoint: name the run to continue with "
+                     f"hydra.run.dir=<its folder> (or train.resume=<its folder>). " +
+                     ("Runs that can be resumed, newest first:\n" + "\n".join(runs) if runs
+                      else "No run under outputs/ has a checkpoint yet."))
+
+
+def _saved_overrides(run_dir: Path) -> list[str]:
+    """The overrides a run was started with (Hydra's .hydra/overrides.yaml), for its resume command."""
+    from omegaconf import OmegaConf
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return list(OmegaConf.load(path)) if path.is_file() else []
+
+
 def main(cfg: DictConfig):
     out_dir = output_dir()  # the same on every rank (run.py shares rank 0's timestamp)
     is_main = distributed.process_rank() == 0
@@ -88,6 +124,7 @@ def main(cfg: DictConfig):
         with config_checks():  # before any data is read or weight allocated
             check_model_config(cfg.model)
             check_train_config(cfg)
+            require_checkpoint_to_resume(cfg, out_dir)
         dist = distributed.setup(cfg.train.distributed, cfg.train.device)
         run.on_close(lambda status: distributed.close(dist, ok=status in ("ok", "interrupted")))
         run.start_logger()
@@ -151,14 +188,14 @@ class Trainer:
 
     # -- resume ---------------------------------------------------------------------------------------------
     def resume(self):
-        """train.resume=true (or a path, or a requeued SLURM job): continue from the latest checkpoint."""
+        """train.resume=true|auto (or a path, or a requeued SLURM job): continue from the latest checkpoint."""
         t, dist = self.t, self.dist
         resume = t.resume
         if not resume and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
             resume = True  # SLURM requeued this job (preemption, time limit): continue, whatever the launcher set
         if not resume:
             return
-        resume_from = self.out_dir if resume is True else resume
+        resume_from = self.out_dir if resume is True or resume == "auto" else resume
         ckpt_path = distributed.broadcast(latest_checkpoint(resume_from) if dist.is_main else None, dist)
         if ckpt_path is None:
             if dist.is_main:

@@ -1,0 +1,84 @@
+"""What a new user meets first: folder names, run.log, config errors, resume without a checkpoint, Ctrl-C
+outside training, over-long prompts. Subprocess runs of run.py on tiny configs, as in test_train.py."""
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from test_train import TINY, results, run
+from runner.naming import job_dirname
+
+
+def test_job_dirname_reads_like_the_overrides_a_user_typed():
+    # the issue's example: +experiment names the sweep folder, the job folder names the choices
+    assert job_dirname(["+experiment=attention", "model/attention=mqa", "train.seed=1"],
+                       exclude_keys=["experiment"]) == "attention=mqa,seed=1"
+    # group choices first; keys that would read alike keep their full name; no path separators in a name
+    assert job_dirname(["train.batch_size=4", "eval.batch_size=8", "model=gpt2", "model.checkpoint=/a/b"]) == \
+        "model=gpt2,checkpoint=_a_b,eval.batch_size=8,train.batch_size=4"
+    long = job_dirname([f"model.k{i}={i}" for i in range(40)], max_length=30)
+    assert len(long) <= 30 + len(",+40") and long.endswith(f",+{40 - long.count('=')}")
+
+
+def test_sweep_folders_are_named_after_the_task_and_the_swept_choices(tmp_path, cache_dir):
+    run(["-m", "model/attention=mha,mqa", "model/position=rope,learned", "train.max_steps=1", "train.eval_every=0",
+         "train.checkpoint_every=0"], tmp_path, cache_dir)
+    sweep, = (tmp_path / "outputs" / "sweeps").glob("*/*")
+    assert re.fullmatch(r"\d\d-\d\d-\d\d_train", sweep.name)  # the task names a sweep without an experiment
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    expected = [f"{i}_attention={a},position={p}," for i, (a, p) in
+                enumerate([(a, p) for a in ("mha", "mqa") for p in ("rope", "learned")])]
+    assert [name[:len(prefix)] for name, prefix in zip(jobs, expected)] == expected, jobs
+    assert all("cache_dir" not in name and "logger" not in name for name in jobs)
+    for name, prefix in zip(jobs, expected):
+        r = results(sweep / name)
+        assert r["status"] == "ok" and f"attention={r['variant']['attention']}" in prefix
+        assert f"position={r['variant']['position']}" in prefix
+
+
+def test_a_compare_job_folder_is_named_after_the_task(tmp_path, cache_dir):
+    out = run(["task=compare", f"compare.dirs=[{tmp_path / 'nothing'}]"], tmp_path, cache_dir, check=False)
+    assert out.returncode != 0
+    job, = (tmp_path / "outputs" / "runs").glob("*/*")
+    assert re.fullmatch(r"\d\d-\d\d-\d\d_compare_.*", job.name) and "gqa_rope" not in job.name, job.name
+
+
+def test_a_config_error_prints_one_line_and_the_key_without_a_traceback(tmp_path, cache_dir):
+    out = run(["hydra.run.dir=run", "model.attention.n_kv_heads=3"], tmp_path, cache_dir, check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "Traceback" not in text and "hydra" not in out.stderr.lower()
+    assert "config error: model.attention.n_kv_heads=3 must divide model.n_heads=2" in text
+    assert "change model.attention.n_kv_heads" in text
+    assert results(tmp_path / "run")["status"] == "failed"
+    assert "config error:" in (tmp_path / "run" / "run.log").read_text()
+    full = run(["hydra.run.dir=run2", "model.attention.n_kv_heads=3"], tmp_path, cache_dir, check=False,
+               env={"HYDRA_FULL_ERROR": "1"})
+    assert full.returncode != 0 and "Traceback" in full.stderr  # the whole story on request
+
+
+def test_resume_without_a_checkpoint_stops_and_lists_the_runs_that_can_be_resumed(tmp_path, cache_dir):
+    old = "outputs/runs/2026-01-01/10-00-00_train"
+    run([f"hydra.run.dir={old}", "train.checkpoint_every=3", "model.d_model=48"], tmp_path, cache_dir)
+    run(["hydra.run.dir=outputs/runs/2026-01-01/11-00-00_train", "train.checkpoint_every=0", "train.max_steps=1"], tmp_path, cache_dir)
+    out = run(["train.resume=true"], tmp_path, cache_dir, check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "Traceback" not in text
+    fresh, = [p for p in (tmp_path / "outputs" / "runs").glob("*/*") if not p.name.startswith(("10-", "11-"))]
+    assert results(fresh)["status"] == "failed" and not (fresh / "checkpoints").exists()  # nothing trained
+    listed = sorted({line for line in text.splitlines() if "train.resume=true hydra.run.dir=" in line})
+    assert len(listed) == 1 and old in listed[0]  # the run without a checkpoint is not offered
+    command = shlex.split(listed[0].split(": ", 1)[1])
+    assert "model.d_model=48" in command  # the run's own overrides: its checkpoint fits
+    resumed = subprocess.run([sys.executable, str(ROOT / "run.py"), *command[2:]], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_SILENT": "true"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert results(tmp_path / old)["resumed_from"].endswith("step_0000006.pt")
