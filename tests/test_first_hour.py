@@ -82,3 +82,51 @@ def test_resume_without_a_checkpoint_stops_and_lists_the_runs_that_can_be_resume
                              capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_SILENT": "true"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert results(tmp_path / old)["resumed_from"].endswith("step_0000006.pt")
+
+
+@pytest.mark.parametrize("task, args", [
+    ("eval", ["task=eval", "data.max_documents=null"]),  # interrupted while the corpus and tokenizer build (cold)
+    ("bench", ["task=bench"]),  # interrupted while the suite runs
+    ("generate", ["task=generate", "model.max_seq_len=4096", "generate.max_new_tokens=4000"]),  # while decoding
+])
+def test_ctrl_c_outside_training_records_interrupted_in_one_line(tmp_path, cache_dir, task, args):
+    cache = cache_dir if task != "eval" else tmp_path / "cold"
+    if task == "generate":  # the tokenizer built and cached first: the signal lands in the decode loop
+        run(["hydra.run.dir=warm", "train.max_steps=1"], tmp_path, cache)
+    cmd = [sys.executable, str(ROOT / "run.py"), *TINY, f"cache_dir={cache}", "hydra.run.dir=run", *args]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "WANDB_SILENT": "true"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "run" / "results.json").exists():
+        time.sleep(0.05)
+    time.sleep(1.0 if task != "generate" else 3.0)
+    assert proc.poll() is None, "finished before the signal: the test needs a longer phase"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stdout + stderr
+    r = results(tmp_path / "run")
+    assert r["status"] == "interrupted" and r["task"] == task
+    assert r["error"]["type"] == "Interrupted" and "\n" not in r["error"]["message"]
+    assert f"Ctrl-C: {task} stopped before it finished" in stdout
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_an_over_long_prompt_is_the_same_clear_error_for_every_position_type(tmp_path, monkeypatch, position):
+    from conftest import compose
+    from runner.generate import main
+    from test_generate import save_tiny_tokenizer
+    monkeypatch.chdir(tmp_path)  # results.json: the cwd outside Hydra
+    tok = save_tiny_tokenizer(tmp_path / "tok")
+    cfg = compose(["task=generate", f"model/position={position}", "tokenizer=hf", f"tokenizer.name_or_path={tok}",
+                   "data.seq_len=16", "generate.max_new_tokens=8", "prompt='" + "x = 1 + 2; " * 4 + "'", "logger=none"])
+    with pytest.raises(ValueError, match=r"generate\.max_new_tokens=8 after a prompt of (\d+) tokens needs \d+ "
+                                         r"positions, more than model\.max_seq_len=16") as err:
+        main(cfg)
+    assert getattr(err.value, "config_error", False)  # run.py prints it in one line
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["status"] == "failed" and "model.max_seq_len=16" in r["error"]["message"]
+    # a prompt that fits generates, for both position types
+    cfg = compose(["task=generate", f"model/position={position}", "tokenizer=hf", f"tokenizer.name_or_path={tok}",
+                   "data.seq_len=16", "generate.max_new_tokens=8", "prompt='x = 1'", "logger=none"])
+    assert 1 <= len(main(cfg)["tokens"][0]) <= 8
