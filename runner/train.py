@@ -8,6 +8,7 @@ the run and names the step, and every outcome is written to results.json.
 Under torchrun (train.distributed=ddp|fsdp, runner/distributed.py) every rank runs this same loop on its
 share of each batch; rank 0 alone writes results.json, checkpoints, W&B and the progress bar.
 """
+import logging
 import math
 import os
 import shlex
@@ -26,7 +27,9 @@ from runner.compute import autocast_dtype, batch_loss
 from runner.evaluate import evaluate, require_checkpoint_tokenizer
 from runner.task import Interrupted, StopSignal, config_checks, task_run
 from runner.formatting import format_bytes
-from runner.tracking import PART_FAMILIES, Results, output_dir
+from runner.tracking import PART_FAMILIES, Results, busy_machine_warning, machine_load, output_dir
+
+log = logging.getLogger(__name__)
 
 
 def param_groups(model: nn.Module, weight_decay: float):
@@ -97,12 +100,15 @@ def require_checkpoint_to_resume(cfg: DictConfig, out_dir) -> None:
     resume = cfg.train.resume
     if resume is not True and not (isinstance(resume, str) and resume != "auto"):
         return
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        return  # a requeued job that never checkpointed: from scratch, in its own directory
     where = out_dir if resume is True else Path(resume)
     if latest_checkpoint(where) is not None:
         return
     runs = [f"  {run_dir} (step {int(ckpt.stem.split('_')[1])}): {resume_command(run_dir, _saved_overrides(run_dir))}"
             for run_dir, ckpt in resumable_runs()]
-    raise ValueError(f"train.resume={'true' if resume is True else resume} but {where} holds no checkpoint: name the run to continue with "
+    setting = "true" if resume is True else resume
+    raise ValueError(f"train.resume={setting} but {where} holds no checkpoint: name the run to continue with "
                      f"hydra.run.dir=<its folder> (or train.resume=<its folder>). " +
                      ("Runs that can be resumed, newest first:\n" + "\n".join(runs) if runs
                       else "No run under outputs/ has a checkpoint yet."))
@@ -199,7 +205,7 @@ class Trainer:
         ckpt_path = distributed.broadcast(latest_checkpoint(resume_from) if dist.is_main else None, dist)
         if ckpt_path is None:
             if dist.is_main:
-                print(f"train.resume: no checkpoint in {resume_from}; starting from scratch")
+                log.info(f"train.resume: no checkpoint in {resume_from} yet; starting from scratch")
             return
         # rank 0 reads the file; the weights and optimizer state reach the other ranks by broadcast
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if dist.is_main else {}
@@ -217,12 +223,15 @@ class Trainer:
         self.step, self.curves = ckpt["step"], ckpt["curves"]
         self.window.update(ckpt.get("log_window", {}))
         if dist.is_main:
-            print(f"resumed from {ckpt_path} at step {self.step}")
+            log.info(f"resumed from {ckpt_path} at step {self.step}")
         self.results.update(resumed_from=str(ckpt_path))
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def fit(self):
         t, dist = self.t, self.dist
+        if dist.is_main:
+            log.info(f"training {self.results.data['params']:,} parameters for {t.max_steps - self.step} steps of "
+                     f"{self.tokens_per_step:,} tokens on {self.device}; run directory {self.out_dir}")
         self.model.train()
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    mininterval=1.0, disable=not dist.is_main)
@@ -328,6 +337,9 @@ class Trainer:
         t = self.t
         if t.checkpoint_every and self.step % t.checkpoint_every:
             self.checkpoint()
+        if self.dist.is_main:
+            log.info(f"final evaluation over {'all' if t.final_eval_batches is None else t.final_eval_batches} "
+                     f"validation batches")
         final = self.validate(t.final_eval_batches)
         throughput = _median_throughput(self.curves["train"])
         metrics = {
@@ -337,7 +349,7 @@ class Trainer:
             "train_tokens": self.tokens_per_step * t.max_steps, "steps": self.step,
             "mfu": (throughput * self.flops_per_token / self.peak_flops) if self.peak_flops and throughput else None,
         }
-        self.results.update(metrics=metrics, curves=self.curves)
+        self.results.update(metrics=metrics, curves=self.curves, **machine_load())  # the load while it trained
 
 
 def benchmark_trained_model(trainer: Trainer):
@@ -346,10 +358,11 @@ def benchmark_trained_model(trainer: Trainer):
     dist = trainer.dist
     if dist.mode == "fsdp" and dist.enabled:
         if dist.is_main:
-            print("train.bench: skipped under FSDP (the weights are sharded); run task=bench on the checkpoint")
+            log.info("train.bench: skipped under FSDP (the weights are sharded); run task=bench on the checkpoint")
         return
     if dist.is_main:  # one replica is enough (DDP's module)
         from runner.bench import run_suite
+        log.info("benchmark of the trained model (train.bench=false skips it)")
         bench = run_suite(distributed.unwrap(trainer.model), trainer.cfg, device=trainer.device,
                           metrics=trainer.results.data["metrics"])
         trainer.results.update(bench=bench)
@@ -384,6 +397,7 @@ def print_summary(record: dict):
         ("decode tokens/s", f"{b['decode_tokens_per_s']:,.0f} with KV cache, {b['decode_tokens_per_s_no_cache']:,.0f} "
                             f"without ({b['kv_cache_speedup']:.1f}x)" if b.get("kv_cache_speedup") else None),
         ("peak memory", format_bytes(b["peak_memory_bytes"]) if b.get("peak_memory_bytes") else None),
+        ("warning", busy_machine_warning(record) and busy_machine_warning(record).removeprefix("warning: ")),
         ("results", str(record.get("output_dir", "")) + "/results.json"),
     ]
     if record.get("error"):

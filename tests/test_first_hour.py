@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -68,7 +67,8 @@ def test_a_config_error_prints_one_line_and_the_key_without_a_traceback(tmp_path
 def test_resume_without_a_checkpoint_stops_and_lists_the_runs_that_can_be_resumed(tmp_path, cache_dir):
     old = "outputs/runs/2026-01-01/10-00-00_train"
     run([f"hydra.run.dir={old}", "train.checkpoint_every=3", "model.d_model=48"], tmp_path, cache_dir)
-    run(["hydra.run.dir=outputs/runs/2026-01-01/11-00-00_train", "train.checkpoint_every=0", "train.max_steps=1"], tmp_path, cache_dir)
+    run(["hydra.run.dir=outputs/runs/2026-01-01/11-00-00_train", "train.checkpoint_every=0", "train.max_steps=1"],
+        tmp_path, cache_dir)
     out = run(["train.resume=true"], tmp_path, cache_dir, check=False)
     text = out.stdout + out.stderr
     assert out.returncode != 0 and "Traceback" not in text
@@ -130,3 +130,33 @@ def test_an_over_long_prompt_is_the_same_clear_error_for_every_position_type(tmp
     cfg = compose(["task=generate", f"model/position={position}", "tokenizer=hf", f"tokenizer.name_or_path={tok}",
                    "data.seq_len=16", "generate.max_new_tokens=8", "prompt='x = 1'", "logger=none"])
     assert 1 <= len(main(cfg)["tokens"][0]) <= 8
+
+
+def test_run_log_holds_the_job_log_and_the_summary_is_printed_last(tmp_path, cache_dir):
+    env = {"WANDB_API_KEY": "", "WANDB_MODE": "", "HOME": str(tmp_path), "WANDB_SILENT": ""}  # W&B as a user meets it
+    out = run(["hydra.run.dir=run", "logger=wandb", "train.max_steps=2"], tmp_path, cache_dir, env=env)
+    log = (tmp_path / "run" / "run.log").read_text()
+    for phase in ("data:", "training", "final evaluation", "W&B offline run"):
+        assert phase in log, phase
+    assert log.count("W&B") == 1 and "wandb:" not in out.stdout + out.stderr  # W&B itself says nothing
+    assert out.stdout.rstrip().splitlines()[-1].startswith("results ")  # the run's summary comes last
+    assert "training" in out.stderr and "training" not in out.stdout  # the log on stderr, stdout for results
+
+
+def test_a_requeued_slurm_job_without_a_checkpoint_starts_from_scratch_even_with_resume_true(tmp_path, cache_dir):
+    run(["hydra.run.dir=run", "train.resume=true", "train.max_steps=1"], tmp_path, cache_dir,
+        env={"SLURM_RESTART_COUNT": "1"})
+    r = results(tmp_path / "run")
+    assert r["status"] == "ok" and "resumed_from" not in r and r["metrics"]["steps"] == 1
+
+
+def test_timings_on_a_busy_machine_say_so(capsys):
+    from runner.bench import print_table
+    from runner.train import print_summary
+    bench = {"device": "cpu", "dtype": "float32", "torch": "2", "date": "2026-12-02", "repeats": 3, "warmup": 1,
+             "train": [], "prefill": [], "decode": [], "kernels": [], "memory_kind": "rss"}
+    for load, busy in [(0.5, False), (2.0, False), (2.5, True)]:  # 2 cores in use: busy past a load of 2
+        print_table({**bench, "cpu_load_average": load, "cpu_threads": 2})
+        print_summary({"status": "ok", "cpu_load_average": load, "cpu_threads": 2, "output_dir": "x"})
+        out = capsys.readouterr().out
+        assert out.count(f"busy machine (load average {load:.1f} on 2 cores in use)") == (2 if busy else 0)

@@ -11,6 +11,7 @@ cached under `cache_dir/packed/` by corpus fingerprint, tokenizer fingerprint, s
 """
 import hashlib
 import json
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from runner.data.corpus import load_corpus
 from runner.data.packing import FIELDS, PACKING_MODES, PackedSplit, load_packed, pack, rows_needed, save_packed
 from runner.data.tokenizer import Tokenizer, build_tokenizer
 
+log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when the packed layout changes, so old cache entries are not reused
 
 
@@ -53,8 +55,11 @@ def build_data(cfg, cache_dir=None, rebuild: bool | None = None) -> Data:
     cache_dir = Path(cache_dir if cache_dir is not None else cfg.cache_dir)
     rebuild = bool(d.get("rebuild", False)) if rebuild is None else rebuild
 
+    log.info(f"data: reading the {d.name} corpus")
     corpus = load_corpus(d, cache_dir)
     corpus_s = time.perf_counter() - started
+    log.info(f"data: {len(corpus.train):,} train / {len(corpus.val):,} validation documents ({corpus_s:.1f} s); "
+             f"tokenizer {cfg.tokenizer.kind}")
     tokenizer, tok_info = build_tokenizer(cfg.tokenizer, corpus.train, corpus.fingerprint, cache_dir, rebuild)
     tokenizer_s = time.perf_counter() - started - corpus_s
 
@@ -63,7 +68,9 @@ def build_data(cfg, cache_dir=None, rebuild: bool | None = None) -> Data:
     hit = None if rebuild else load_packed(path)
     if hit is not None:
         splits, meta = hit
+        log.info(f"data: packed rows from the cache {path}")
     else:
+        log.info(f"data: tokenizing and packing rows of {d.seq_len} tokens (cached in {path})")
         splits, meta = {}, {"tokenize_seconds": 0.0, "pack_seconds": 0.0}
         for split, texts in (("train", corpus.train), ("val", corpus.val)):
             t0 = time.perf_counter()
