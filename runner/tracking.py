@@ -205,8 +205,8 @@ class WandbLogger:
         run_dir = Path(lc.get("dir") or results.path.parent)
         kwargs = dict(project=lc.project, entity=lc.get("entity"), group=sweep_group(cfg),
                       name=run_dir.name, dir=str(run_dir), tags=tags[:64], reinit="finish_previous",
-                      config={**OmegaConf.to_container(cfg, resolve=True), "variant": variant},
-                      settings=wandb.Settings(silent=True))  # its banner and sync hints: one line below instead
+                      config={**OmegaConf.to_container(cfg, resolve=True), "variant": variant})
+        os.environ.setdefault("WANDB_SILENT", "true")  # its banner and sync hints: one line below instead
         try:
             self.run = wandb.init(mode=mode, **kwargs)
         except Exception as err:  # no network, bad key: keep the run and log offline

@@ -133,8 +133,11 @@ def test_an_over_long_prompt_is_the_same_clear_error_for_every_position_type(tmp
 
 
 def test_run_log_holds_the_job_log_and_the_summary_is_printed_last(tmp_path, cache_dir):
-    env = {"WANDB_API_KEY": "", "WANDB_MODE": "", "HOME": str(tmp_path), "WANDB_SILENT": ""}  # W&B as a user meets it
-    out = run(["hydra.run.dir=run", "logger=wandb", "train.max_steps=2"], tmp_path, cache_dir, env=env)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # as a user meets W&B: no settings
+    out = subprocess.run([sys.executable, str(ROOT / "run.py"), *TINY, f"cache_dir={cache_dir}", "hydra.run.dir=run",
+                          "logger=wandb", "train.max_steps=2"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env={**env, "HOME": str(tmp_path)})  # no key, no netrc: offline
+    assert out.returncode == 0, out.stderr[-3000:]
     log = (tmp_path / "run" / "run.log").read_text()
     for phase in ("data:", "training", "final evaluation", "W&B offline run"):
         assert phase in log, phase
