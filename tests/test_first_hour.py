@@ -84,22 +84,23 @@ def test_resume_without_a_checkpoint_stops_and_lists_the_runs_that_can_be_resume
     assert results(tmp_path / old)["resumed_from"].endswith("step_0000006.pt")
 
 
-@pytest.mark.parametrize("task, args", [
-    ("eval", ["task=eval", "data.max_documents=null"]),  # interrupted while the corpus and tokenizer build (cold)
-    ("bench", ["task=bench"]),  # interrupted while the suite runs
-    ("generate", ["task=generate", "model.max_seq_len=4096", "generate.max_new_tokens=4000"]),  # while decoding
+@pytest.mark.parametrize("task, args, phase", [
+    # interrupted while the corpus and tokenizer build (cold), while the suite runs, while decoding
+    ("eval", ["task=eval", "data.max_documents=null"], "data: reading"),
+    ("bench", ["task=bench"], "benchmark ("),
+    ("generate", ["task=generate", "model.max_seq_len=4096", "generate.max_new_tokens=4000"], "data: packed rows"),
 ])
-def test_ctrl_c_outside_training_records_interrupted_in_one_line(tmp_path, cache_dir, task, args):
+def test_ctrl_c_outside_training_records_interrupted_in_one_line(tmp_path, cache_dir, task, args, phase):
     cache = cache_dir if task != "eval" else tmp_path / "cold"
     if task == "generate":  # the tokenizer built and cached first: the signal lands in the decode loop
         run(["hydra.run.dir=warm", "train.max_steps=1"], tmp_path, cache)
     cmd = [sys.executable, str(ROOT / "run.py"), *TINY, f"cache_dir={cache}", "hydra.run.dir=run", *args]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "WANDB_SILENT": "true"})
-    deadline = time.time() + 120
-    while time.time() < deadline and not (tmp_path / "run" / "results.json").exists():
-        time.sleep(0.05)
-    time.sleep(1.0 if task != "generate" else 3.0)
+    log, deadline = tmp_path / "run" / "run.log", time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (log.exists() and phase in log.read_text()):
+        time.sleep(0.05)  # the job's log says when the phase begins
+    time.sleep(0.5 if task != "generate" else 2.0)
     assert proc.poll() is None, "finished before the signal: the test needs a longer phase"
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
