@@ -4,6 +4,7 @@ Each task lives in its own runner module with a `main(cfg)` function; this file 
 config and dispatches, so that `python run.py --cfg job ...` prints a config without importing torch.
 """
 import importlib
+import logging
 import os
 import sys
 import time
@@ -12,6 +13,10 @@ import hydra
 from omegaconf import DictConfig
 
 from runner import sweep  # light: no torch
+from runner import naming  # registers ${variants.dirname:...}: conf/config.yaml's run and sweep folder names
+from runner.task import config_checks, config_key, is_config_error
+
+log = logging.getLogger(__name__)
 
 TASKS = {
     "train": "runner.train",
@@ -27,10 +32,31 @@ TASKS = {
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
-    if cfg.task not in TASKS:
-        raise ValueError(f"task={cfg.task!r} is not a task; choose one of {sorted(TASKS)}")
-    sweep.job_started()
-    return importlib.import_module(TASKS[cfg.task]).main(cfg)
+    naming.register()  # named here so that a submitit job, unpickling main() in a fresh process, imports it too
+    try:
+        with config_checks():
+            if cfg.task not in TASKS:
+                raise ValueError(f"task={cfg.task!r} is not a task; choose one of {sorted(TASKS)}")
+        sweep.job_started()
+        return importlib.import_module(TASKS[cfg.task]).main(cfg)
+    except (ValueError, TypeError) as err:
+        if is_config_error(err):
+            report_config_error(err)
+        raise
+
+
+def report_config_error(err: Exception):
+    """One line and the key to change; a single run then exits with status 1 without Hydra's traceback (a
+    sweep goes on to its next job, and Hydra reports the failure at the end)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    key = config_key(err)
+    log.error(f"config error: {err}")
+    if key:
+        log.error(f"change {key} (python run.py ... {key}=<value>; `python run.py --cfg job ...` shows the config)")
+    if os.environ.get("HYDRA_FULL_ERROR") != "1" and HydraConfig.get().mode == RunMode.RUN:
+        raise SystemExit(1)
 
 
 def share_run_stamp():

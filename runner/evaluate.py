@@ -9,15 +9,19 @@ real in-document targets (labels != -100).
 task=bench measures perplexity through `validation_perplexity` too (bench.perplexity), so that a benchmark
 row holds the speed and the quality of one model.
 """
+import logging
 import math
 
 import torch
 from omegaconf import DictConfig, open_dict
+from tqdm import tqdm
 
 from runner.build import build_model, check_model_config, record_model, resolve_device
 from runner.checkpoint import load_model_weights
 from runner.compute import IGNORE, autocast_dtype, batch_loss
-from runner.task import task_run
+from runner.task import config_checks, task_run
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -26,7 +30,8 @@ def evaluate(model, batches, device, autocast_dtype=None) -> dict:
     was_training = model.training
     model.eval()
     nll, tokens = 0.0, 0
-    for batch in batches:
+    # a bar only for an evaluation that lasts (delay): the final one over the whole split, task=eval
+    for batch in tqdm(batches, desc="evaluate", unit="batch", delay=3, leave=False, dynamic_ncols=True):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         nll += batch_loss(model, batch, reduction="sum", dtype=autocast_dtype).item()
         tokens += int((batch["labels"] != IGNORE).sum())
@@ -81,6 +86,7 @@ def validation_perplexity(model, data, cfg: DictConfig, device, max_batches: int
         raise ValueError(f"data.seq_len={seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
     batch_size = (cfg.get("eval") or {}).get("batch_size") or cfg.train.batch_size
     dtype = autocast_dtype((cfg.get("train") or {}).get("dtype"), device, next(model.parameters()).dtype)
+    log.info(f"evaluating over {'all' if max_batches is None else max_batches} validation batches of {batch_size}")
     m = evaluate(model, data.val_batches(batch_size, max_batches), device, dtype)  # as the training loop evaluates
     rows = len(data.val) if max_batches is None else min(len(data.val), max_batches * batch_size)
     return {"val_loss": m["loss"], "val_ppl": m["ppl"], "val_tokens": m["tokens"], "val_rows": rows,
@@ -100,7 +106,8 @@ def model_and_perplexity(cfg: DictConfig, device, max_batches: int | None):
 # -- task=eval ------------------------------------------------------------------------------------------------
 def main(cfg: DictConfig):
     with task_run(cfg, "eval", print_summary=print_summary) as run:
-        check_eval_config(cfg)  # before the logger, the data and the weights
+        with config_checks():  # before the logger, the data and the weights
+            check_eval_config(cfg)
         e = cfg.eval
         device = resolve_device(e.get("device") or cfg.train.get("device", "auto"))
         run.start_logger()

@@ -18,7 +18,8 @@ from functools import partial
 
 import torch
 
-from runner.build import build_model, check_model_config, resolve_device
+from runner.build import build_model, check_model_config, record_model, resolve_device
+from runner.task import config_checks, task_run
 
 PAD_DOCUMENT, PROMPT_DOCUMENT = -1, 0
 
@@ -59,6 +60,7 @@ def generate(model, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
         prompts = [prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    check_prompt_fits(model, prompts, max_new_tokens)
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, P), pad_token_id, dtype=torch.long, device=device)
@@ -201,15 +203,38 @@ def continuation(tok: PromptTokenizer, prompt_ids, new_ids) -> str:
     return after[len(before):] if after.startswith(before) else tok.decode(new_ids)
 
 
+def check_prompt_fits(model, prompts, max_new_tokens: int) -> None:
+    """Every position type stops at model.max_seq_len alike (learned positions have no row past it; RoPE would
+    extrapolate silently). A LongRoPE checkpoint's max_seq_len is its long context."""
+    longest = max((len(p) for p in prompts), default=0)
+    if longest + max_new_tokens > model.max_seq_len:
+        raise ValueError(f"generate.max_new_tokens={max_new_tokens} after a prompt of {longest} tokens needs "
+                         f"{longest + max_new_tokens} positions, more than model.max_seq_len={model.max_seq_len}: "
+                         f"shorten the prompt or lower generate.max_new_tokens")
+
+
 def main(cfg):
+    """results.json holds the prompts and completions; the text goes to stdout, everything else to stderr."""
+    with task_run(cfg, "generate") as run:
+        run.results.update(generation=_generate(cfg, run))
+    return run.results.data.get("generation")  # None when interrupted
+
+
+def _generate(cfg, run) -> dict:
     g = cfg.generate
     device = resolve_device(g.get("device") or "auto")
     torch.manual_seed(g.seed if g.seed is not None else 0)
+    with config_checks():  # a bad model config fails before a corpus or tokenizer is read (and prints in one line)
+        check_model_config(cfg.model)
     model, tok, source = load_model_and_tokenizer(cfg, device)
+    record_model(run.results, model)
+    run.results.update(weights=source)
     texts = [cfg.prompt] if isinstance(cfg.prompt, str) else list(cfg.prompt)
-    if g.get("chat") and tok.chat_template is None:
-        raise ValueError(f"generate.chat=true but tokenizer {tok.name!r} has no chat template")
-    prompts = [tok.chat_template(t) if g.get("chat") else tok.encode(t) for t in texts]
+    with config_checks():
+        if g.get("chat") and tok.chat_template is None:
+            raise ValueError(f"generate.chat=true but tokenizer {tok.name!r} has no chat template")
+        prompts = [tok.chat_template(t) if g.get("chat") else tok.encode(t) for t in texts]
+        check_prompt_fits(model, prompts, g.max_new_tokens)
     print(f"# {source}; tokenizer {tok.name}; {model.num_params():,} parameters on {device}", file=sys.stderr)
 
     if not g.temperature and (g.top_k or g.top_p):

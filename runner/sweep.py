@@ -5,7 +5,8 @@ Hydra's basic launcher runs the jobs one after another in this process, and catc
 on with the next. The task wrapper (runner/task.py) records the interrupted job (the training loop has
 checkpointed it), then raises SweepInterrupted, a BaseException that Hydra does not catch: the remaining jobs
 never start, and run.py prints one command that resumes the sweep in the same directory with
-train.resume=true. There, jobs that finished are kept as they are (their results.json says ok), the
+train.resume=auto (continue where a checkpoint is, else start). There, jobs that finished are kept as they
+are (their results.json says ok), the
 interrupted one continues from its checkpoint and the others start.
 
 Launchers that run each job in its own process (submitit: launcher=local|slurm) are left alone: there a
@@ -67,11 +68,11 @@ def in_process_sweep_dir() -> str | None:
 
 
 def resume_sweep_command(sweep_dir: str, argv: list[str] | None = None) -> str:
-    """`python run.py -m <the sweep's own arguments> train.resume=true hydra.sweep.dir=<its directory>`."""
+    """`python run.py -m <the sweep's own arguments> train.resume=auto hydra.sweep.dir=<its directory>`."""
     argv = sys.argv[1:] if argv is None else argv
     keep = [a for a in argv if a not in ("-m", "--multirun")
             and not a.lstrip("+~").startswith(("train.resume=", "hydra.sweep.dir="))]
-    return " ".join(["python run.py -m", *map(shlex.quote, keep), "train.resume=true",
+    return " ".join(["python run.py -m", *map(shlex.quote, keep), "train.resume=auto",
                      shlex.quote(f"hydra.sweep.dir={sweep_dir}")])
 
 

@@ -11,10 +11,12 @@ results.json is written before the body runs and rewritten with the outcome what
   ok            the body returned
   interrupted   Ctrl-C or SIGTERM (SIGTERM raises `Interrupted` anywhere outside the training loop, which
                 has its own step-boundary handler); a one-line message, no traceback, exit status 0
-  oom / failed  any other exception, recorded and then re-raised (Hydra prints it)
+  oom / failed  any other exception, recorded and then re-raised (Hydra prints it; run.py prints an error
+                of the checks inside `config_checks()` in one line, without a traceback)
 Then the W&B run gets the status, the metrics and any benchmark tables, and finishes; the task's own
 summary is printed last.
 """
+import re
 import signal
 from contextlib import contextmanager
 
@@ -31,6 +33,28 @@ class Interrupted(BaseException):
     def __init__(self, message: str, stop: "StopSignal | None" = None):
         super().__init__(message)
         self.stop = stop
+
+
+@contextmanager
+def config_checks():
+    """Marks the ValueErrors (and constructors' TypeErrors) of the config checks inside as config errors, which
+    run.py prints in one line with the key to change, without a traceback (HYDRA_FULL_ERROR=1 shows it). The
+    error keeps its type: results.json and the compare report name it as before."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        err.config_error = True
+        raise
+
+
+def is_config_error(err: BaseException) -> bool:
+    return getattr(err, "config_error", False)
+
+
+def config_key(err: BaseException) -> str | None:
+    """The first `key=` a config error's message names (the checks name the offending key first)."""
+    found = re.search(r"([A-Za-z_][\w/]*(?:\.\w+)*)=", str(err))
+    return found.group(1) if found else None
 
 
 class StopSignal:

@@ -4,6 +4,7 @@ Every job writes `results.json` in its Hydra output directory before anything el
 it atomically as the run progresses, so a crash, an out-of-memory error or a SIGTERM never loses a run.
 """
 import json
+import logging
 import os
 import platform
 import sys
@@ -12,6 +13,8 @@ import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 
 def output_dir() -> Path:
@@ -79,6 +82,24 @@ def variant_fields(cfg: DictConfig) -> dict:
         "seq_len": cfg.get("data", {}).get("seq_len"),
         "seed": cfg.get("train", {}).get("seed"),
     }
+
+
+def machine_load() -> dict:
+    """The 1-minute load average and the CPU threads this process computes with: timings taken while other work
+    competes for the cores are slower than the machine's own (recorded beside every timing)."""
+    import torch
+    return {"cpu_load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "cpu_threads": torch.get_num_threads() or os.cpu_count()}
+
+
+def busy_machine_warning(record: dict) -> str | None:
+    """One line when the load average exceeded the cores in use while `record` (a run, or its bench section) was
+    timed; None otherwise or when unknown."""
+    load, cores = record.get("cpu_load_average"), record.get("cpu_threads") or os.cpu_count()
+    if load is None or not cores or load <= cores:
+        return None
+    return (f"warning: busy machine (load average {load:.1f} on {cores} cores in use): the timings are slower "
+            f"than this machine's own")
 
 
 def environment() -> dict:
@@ -185,12 +206,17 @@ class WandbLogger:
         kwargs = dict(project=lc.project, entity=lc.get("entity"), group=sweep_group(cfg),
                       name=run_dir.name, dir=str(run_dir), tags=tags[:64], reinit="finish_previous",
                       config={**OmegaConf.to_container(cfg, resolve=True), "variant": variant})
+        os.environ.setdefault("WANDB_SILENT", "true")  # its banner and sync hints: one line below instead
         try:
             self.run = wandb.init(mode=mode, **kwargs)
         except Exception as err:  # no network, bad key: keep the run and log offline
-            print(f"W&B {mode} init failed ({err}); logging offline instead")
+            log.warning(f"W&B {mode} init failed ({err}); logging offline instead")
             self.run = wandb.init(mode="offline", **kwargs)
         self.mode = mode
+        if mode == "offline":
+            log.info(f"W&B offline run {Path(self.run.dir).parent} (upload: wandb sync {Path(self.run.dir).parent})")
+        else:
+            log.info(f"W&B run {self.run.url}")
         self.run.define_metric("step")
         for name in ("train/*", "val/*", "perf/*"):
             self.run.define_metric(name, step_metric="step")

@@ -9,10 +9,12 @@ directory (runner/runlock.py), and every outcome is written to results.json.
 Under torchrun (train.distributed=ddp|fsdp, runner/distributed.py) every rank runs this same loop on its
 share of each batch; rank 0 alone writes results.json, checkpoints, W&B and the progress bar.
 """
+import logging
 import math
 import os
 import shlex
 import time
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, open_dict
@@ -27,10 +29,12 @@ from runner.checkpoint import (RESUME_KEYS, latest_checkpoint, load_latest_reada
                                set_rng_state)
 from runner.compute import autocast_dtype, aux_loss, batch_loss
 from runner.evaluate import evaluate, require_checkpoint_tokenizer
-from runner.task import Interrupted, StopSignal, task_run
+from runner.task import Interrupted, StopSignal, config_checks, task_run
 from runner.formatting import format_bytes
 from runner.runlock import RunLock
-from runner.tracking import PART_FAMILIES, Results, output_dir
+from runner.tracking import PART_FAMILIES, Results, busy_machine_warning, machine_load, output_dir
+
+log = logging.getLogger(__name__)
 
 
 def param_groups(model: nn.Module, weight_decay: float):
@@ -87,10 +91,48 @@ def resume_command(out_dir, overrides: list[str] | None = None) -> str:
     return " ".join(["python run.py", *map(shlex.quote, keep), "train.resume=true", f"hydra.run.dir={out_dir}"])
 
 
+def resumable_runs(root="outputs", limit: int = 5) -> list[tuple[Path, Path]]:
+    """(run directory, latest checkpoint) of the runs under root (runs and sweep jobs), newest first."""
+    found = []
+    for ckpt_dir in [*Path(root).glob("runs/*/*/checkpoints"), *Path(root).glob("sweeps/*/*/*/checkpoints")]:
+        latest = latest_checkpoint(ckpt_dir.parent)
+        if latest is not None:
+            found.append((ckpt_dir.parent, latest))
+    return sorted(found, key=lambda run: run[1].stat().st_mtime, reverse=True)[:limit]
+
+
+def require_checkpoint_to_resume(cfg: DictConfig, out_dir) -> None:
+    """train.resume=true (or a PATH) continues a run; without a checkpoint there it would quietly train from scratch
+    in a new folder. Stop, and list the runs that can be resumed with the command for each. (train.resume=auto,
+    the launchers' setting, and a requeued SLURM job start from scratch when there is none yet.)"""
+    resume = cfg.train.resume
+    if resume is not True and not (isinstance(resume, str) and resume != "auto"):
+        return
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        return  # a requeued job that never checkpointed: from scratch, in its own directory
+    where = out_dir if resume is True else Path(resume)
+    if latest_checkpoint(where) is not None:
+        return
+    runs = [f"  {run_dir} (step {int(ckpt.stem.split('_')[1])}): {resume_command(run_dir, _saved_overrides(run_dir))}"
+            for run_dir, ckpt in resumable_runs()]
+    setting = "true" if resume is True else resume
+    raise ValueError(f"train.resume={setting} but {where} holds no checkpoint: name the run to continue with "
+                     f"hydra.run.dir=<its folder> (or train.resume=<its folder>). " +
+                     ("Runs that can be resumed, newest first:\n" + "\n".join(runs) if runs
+                      else "No run under outputs/ has a checkpoint yet."))
+
+
+def _saved_overrides(run_dir: Path) -> list[str]:
+    """The overrides a run was started with (Hydra's .hydra/overrides.yaml), for its resume command."""
+    from omegaconf import OmegaConf
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return list(OmegaConf.load(path)) if path.is_file() else []
+
+
 def main(cfg: DictConfig):
     out_dir = output_dir()  # the same on every rank (run.py shares rank 0's timestamp)
     is_main = distributed.process_rank() == 0
-    if cfg.train.resume is True and (done := finished_record(out_dir, cfg)) is not None:
+    if cfg.train.resume in (True, "auto") and (done := finished_record(out_dir, cfg)) is not None:
         if is_main:  # a resumed sweep's finished job: nothing left to spend
             print(f"{out_dir}: finished with this budget before; kept as it is")
         return done
@@ -100,8 +142,10 @@ def main(cfg: DictConfig):
             run.on_close(lambda status: lock.release())
         run.interrupt_hint = lambda err: (f"{str(err) or 'Ctrl-C'}: stopped without a new checkpoint; latest: "
                                           f"{latest_checkpoint(out_dir)}; resume with: {resume_command(out_dir)}")
-        check_model_config(cfg.model)  # before any data is read or weight allocated
-        check_train_config(cfg)
+        with config_checks():  # before any data is read or weight allocated
+            check_model_config(cfg.model)
+            check_train_config(cfg)
+            require_checkpoint_to_resume(cfg, out_dir)
         dist = distributed.setup(cfg.train.distributed, cfg.train.device)
         run.on_close(lambda status: distributed.close(dist, ok=status in ("ok", "interrupted")))
         run.start_logger()
@@ -170,21 +214,21 @@ class Trainer:
 
     # -- resume ---------------------------------------------------------------------------------------------
     def resume(self):
-        """train.resume=true (or a path, or a requeued SLURM job): continue from the latest checkpoint."""
+        """train.resume=true|auto (or a path, or a requeued SLURM job): continue from the latest checkpoint."""
         t, dist = self.t, self.dist
         resume = t.resume
         if not resume and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
             resume = True  # SLURM requeued this job (preemption, time limit): continue, whatever the launcher set
         if not resume:
             return
-        resume_from = self.out_dir if resume is True else resume
+        resume_from = self.out_dir if resume is True or resume == "auto" else resume
         # rank 0 reads the newest readable checkpoint (a damaged one is set aside); the path, the weights and
         # the optimizer state reach the other ranks by broadcast
         loaded = load_latest_readable(resume_from, RESUME_KEYS) if dist.is_main else None
         ckpt_path = distributed.broadcast(loaded and loaded[0], dist)
         if ckpt_path is None:
             if dist.is_main:
-                print(f"train.resume: no checkpoint in {resume_from}; starting from scratch")
+                log.info(f"train.resume: no checkpoint in {resume_from} yet; starting from scratch")
             return
         ckpt = loaded[1] if dist.is_main else {}
         try:
@@ -202,12 +246,15 @@ class Trainer:
         self.train_seconds = ckpt.get("train_seconds", 0.0)
         self.window.update(ckpt.get("log_window", {}))
         if dist.is_main:
-            print(f"resumed from {ckpt_path} at step {self.step}")
+            log.info(f"resumed from {ckpt_path} at step {self.step}")
         self.results.update(resumed_from=str(ckpt_path))
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def fit(self):
         dist = self.dist
+        if dist.is_main:
+            log.info(f"training {self.results.data['params']:,} parameters for {self.max_steps - self.step} steps of "
+                     f"{self.tokens_per_step:,} tokens on {self.device}; run directory {self.out_dir}")
         self.model.train()
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    mininterval=1.0, disable=not dist.is_main)
@@ -331,6 +378,9 @@ class Trainer:
         t = self.t
         if t.checkpoint_every and self.step % t.checkpoint_every:
             self.checkpoint()
+        if self.dist.is_main:
+            log.info(f"final evaluation over {'all' if t.final_eval_batches is None else t.final_eval_batches} "
+                     f"validation batches")
         final = self.validate(t.final_eval_batches)
         throughput = _median_throughput(self.curves["train"])
         metrics = {
@@ -340,7 +390,7 @@ class Trainer:
             **spent(self.step, self.tokens_per_step, self.flops_per_token, self.train_seconds),
             "mfu": (throughput * self.flops_per_token / self.peak_flops) if self.peak_flops and throughput else None,
         }
-        self.results.update(metrics=metrics, curves=self.curves)
+        self.results.update(metrics=metrics, curves=self.curves, **machine_load())  # the load while it trained
 
 
 def benchmark_trained_model(trainer: Trainer):
@@ -349,10 +399,11 @@ def benchmark_trained_model(trainer: Trainer):
     dist = trainer.dist
     if dist.mode == "fsdp" and dist.enabled:
         if dist.is_main:
-            print("train.bench: skipped under FSDP (the weights are sharded); run task=bench on the checkpoint")
+            log.info("train.bench: skipped under FSDP (the weights are sharded); run task=bench on the checkpoint")
         return
     if dist.is_main:  # one replica is enough (DDP's module)
         from runner.bench import run_suite
+        log.info("benchmark of the trained model (train.bench=false skips it)")
         bench = run_suite(distributed.unwrap(trainer.model), trainer.cfg, device=trainer.device,
                           metrics=trainer.results.data["metrics"])
         trainer.results.update(bench=bench)
@@ -387,6 +438,7 @@ def print_summary(record: dict):
         ("decode tokens/s", f"{b['decode_tokens_per_s']:,.0f} with KV cache, {b['decode_tokens_per_s_no_cache']:,.0f} "
                             f"without ({b['kv_cache_speedup']:.1f}x)" if b.get("kv_cache_speedup") else None),
         ("peak memory", format_bytes(b["peak_memory_bytes"]) if b.get("peak_memory_bytes") else None),
+        ("warning", busy_machine_warning(record) and busy_machine_warning(record).removeprefix("warning: ")),
         ("results", str(record.get("output_dir", "")) + "/results.json"),
     ]
     if record.get("error"):

@@ -213,7 +213,7 @@ def real_runs(tmp_path_factory):
                   "hydra.run.dir=outputs/runs/2025-01-31/12-05-00_gqa_rope"], cwd, check=False)
     assert bad.returncode != 0
     oom_dir = cwd / "outputs" / "runs" / "2025-01-31" / "12-10-00_mha_rope"
-    record = json.loads(next((cwd / "outputs" / "sweeps").rglob("0_mha_rope/results.json")).read_text())
+    record = json.loads(next((cwd / "outputs" / "sweeps").rglob("0_model=mha_rope,*/results.json")).read_text())
     record.update(status="oom", metrics={}, curves={"train": [], "val": []}, output_dir=str(oom_dir),
                   error={"type": "OutOfMemoryError", "message": "CUDA out of memory. Tried to allocate 4.00 GiB"})
     oom_dir.mkdir(parents=True)

@@ -153,11 +153,11 @@ def test_preempted_submitit_job_checkpoints_requeues_and_resumes(tmp_path, cache
            "train.log_every=100"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"})
-    job_dir = tmp_path / "sweep" / "0_gqa_rope"
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not (job_dir / "checkpoints" / "step_0000500.pt").exists():
+        while time.time() < deadline and not list((tmp_path / "sweep").glob("0_*/checkpoints/step_0000500.pt")):
             time.sleep(0.02)
+        job_dir, = (tmp_path / "sweep").glob("0_*")  # named after the job's overrides
         tasks = [pid for pid in _descendants(proc.pid)
                  if b"submitit.core._submit" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(tasks) == 1, tasks

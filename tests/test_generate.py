@@ -14,6 +14,12 @@ from variants import TransformerLM
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """task=generate writes results.json in the cwd outside Hydra: not into the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 def hf_greedy(hf, prompt, n):
     ids = torch.tensor([prompt])
     out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, min_new_tokens=n,

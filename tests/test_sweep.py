@@ -15,6 +15,12 @@ from test_train import TINY, results, run
 
 
 @pytest.mark.slow
+def job_dir(tmp_path, num):
+    """Job `num`'s folder (named after its overrides, runner/naming.py): N_..."""
+    found = sorted((tmp_path / "sweep").glob(f"{num}_*"))
+    return found[0] if found else tmp_path / "sweep" / f"{num}_not_started"
+
+
 def test_sigterm_stops_the_sweep_and_its_resume_finishes_every_job(tmp_path, cache_dir):
     run(["hydra.run.dir=warm", "train.max_steps=1"], tmp_path, cache_dir)  # data cached: jobs start fast
     steps = ["train.max_steps=60", "train.eval_every=2", "train.eval_batches=1", "train.checkpoint_every=1000"]
@@ -22,36 +28,36 @@ def test_sigterm_stops_the_sweep_and_its_resume_finishes_every_job(tmp_path, cac
     env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
-    first = tmp_path / "sweep" / "0_gqa_rope" / "results.json"
     deadline = time.time() + 240
     while time.time() < deadline:  # until job 0 is in its training loop (a validation point is recorded)
+        first = job_dir(tmp_path, 0) / "results.json"
         if first.exists() and json.loads(first.read_text() or "{}").get("curves", {}).get("val"):
             break
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr[-3000:]
-    r0 = results(tmp_path / "sweep" / "0_gqa_rope")
+    r0 = results(job_dir(tmp_path, 0))
     assert r0["status"] == "interrupted"
-    ckpt = list((tmp_path / "sweep" / "0_gqa_rope" / "checkpoints").glob("step_*.pt"))
+    ckpt = list((job_dir(tmp_path, 0) / "checkpoints").glob("step_*.pt"))
     assert len(ckpt) == 1
     stopped_at = int(ckpt[0].stem.split("_")[1])
     assert 0 < stopped_at < 60
-    assert not (tmp_path / "sweep" / "1_gqa_rope").exists()  # the next jobs never started
+    assert not (job_dir(tmp_path, 1)).exists()  # the next jobs never started
 
     lines = [line for line in stdout.splitlines() if line.startswith("python run.py -m")]
     assert len(lines) == 1, stdout[-2000:]
     printed = shlex.split(lines[0])
-    assert "train.resume=true" in printed and f"hydra.sweep.dir={tmp_path / 'sweep'}" in printed
+    assert "train.resume=auto" in printed and f"hydra.sweep.dir={tmp_path / 'sweep'}" in printed
     assert "train.seed=0,1,2" in printed
 
     out = subprocess.run([sys.executable, str(ROOT / "run.py"), *printed[2:]], cwd=tmp_path, capture_output=True,
                          text=True, timeout=400, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     for job, seed in enumerate((0, 1, 2)):
-        r = results(tmp_path / "sweep" / f"{job}_gqa_rope")
+        r = results(job_dir(tmp_path, job))
         assert r["status"] == "ok" and r["metrics"]["steps"] == 60 and r["variant"]["seed"] == seed
-    assert results(tmp_path / "sweep" / "0_gqa_rope")["resumed_from"].endswith(ckpt[0].name)
+    assert results(job_dir(tmp_path, 0))["resumed_from"].endswith(ckpt[0].name)
 
     # resuming once more keeps every finished job as it is
     before = {p: p.read_text() for p in (tmp_path / "sweep").glob("*/results.json")}

@@ -16,13 +16,14 @@ A point that runs out of memory is recorded as {"status": "oom"} and the suite g
 runner/bench/BENCH.md documents every figure.
 """
 import copy
-import os
+import logging
 import platform
 import time
 from contextlib import contextmanager
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from runner.bench.flops import device_memory_bandwidth, device_peak_flops, peak_source
 from runner.bench.kernels import kernel_points
@@ -31,8 +32,11 @@ from runner.bench.timing import PeakMemory, free_memory, guarded, memory_kind, t
 from runner.build import record_model, resolve_device
 from runner.compute import autocast_dtype, next_token_loss
 from runner.formatting import dtype_name, format_bytes
-from runner.task import task_run
+from runner.task import config_checks, task_run
+from runner.tracking import busy_machine_warning, machine_load
 from variants.hf import DTYPES
+
+log = logging.getLogger(__name__)
 
 __all__ = ["run_suite", "main", "device_peak_flops", "kv_cache_size", "print_table"]
 
@@ -196,18 +200,27 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
              "warmup": bc.warmup, "repeats": bc.repeats, "memory_kind": memory_kind(device),
              "params": model.num_params(), "val_ppl": metrics.get("val_ppl"), "val_loss": metrics.get("val_loss"),
              "val_tokens": metrics.get("val_tokens"),
-             "cpu_load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # others' work skews CPU timings
+             **machine_load(),  # others' work skews CPU timings (print_table warns)
              "train": [], "prefill": [], "decode": [], "kernels": [], "reference": None}
     started = time.perf_counter()
+    parts = [p for p in ("train", "prefill", "decode", "kernels") if bc.run[p]]
+    log.info(f"benchmark ({profile}): {', '.join(parts)} on {bench['device']}")
+    bar = tqdm(total=len(parts), desc="benchmark", unit="part", delay=3, leave=False, dynamic_ncols=True)
 
     def update():
         bench["elapsed_s"] = time.perf_counter() - started
         if on_update is not None:
             on_update(bench)
 
+    def part(name):  # the previous part is done; the bar names the next (it shows only after a few seconds)
+        if bar.postfix:
+            bar.update(1)
+        bar.set_postfix_str(name)
+
     data_cfg, train_cfg = cfg.get("data") or {}, cfg.get("train") or {}
     seq_len = min(bc.train_seq_len or data_cfg.get("seq_len") or model.max_seq_len, model.max_seq_len)
     if bc.run.train:
+        part("train step")
         batch_size = bc.train_batch_size or train_cfg.get("batch_size") or 8
         bench["train"].append(train_point(model, batch_size, seq_len, device, train_cfg.get("dtype", "auto"), timer,
                                           train_step))
@@ -215,9 +228,11 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
     with inference_model(model, dtype, device) as im:
         bench["weight_bytes"] = sum(p.numel() * p.element_size() for p in im.parameters())
         if bc.run.prefill:
+            part("prefill")
             bench["prefill"] = prefill_points(im, sizes, dtype, device, timer)
             update()
         if bc.run.decode:
+            part("decode")
             decode_points(im, sizes, bc.new_tokens, dtype, device, timer, bench["decode"], update)
         kv = guarded(lambda: kv_cache_size(im, dtype, device, max_len=min(im.max_seq_len, 1024)), device)
         bench.update(kv if kv.pop("status") == "ok" else {"kv_cache_bytes_per_token": None, "kv_cache_error": kv})
@@ -228,6 +243,7 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
             "status": "skipped", "reason": reason}
         update()
     if bc.run.kernels:
+        part("attention kernels")
         attn = model.attention_modules()[0]
         bench["kernels"] = kernel_points(
             attn.n_heads, attn.n_kv_heads, attn.head_dim, sizes["kernel_seq_lens"], list(bc.kernels.masks),
@@ -235,6 +251,8 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
             dtype, device, bc.warmup, bc.repeats)
     summarize_suite(bench, model, seq_len, device)
     update()
+    bar.update(1 if bar.postfix else 0)
+    bar.close()
     return bench
 
 
@@ -337,12 +355,13 @@ def main(cfg: DictConfig):
     from runner.evaluate import check_eval_config, load_eval_model, model_and_perplexity
 
     with task_run(cfg, "bench", print_summary=lambda record: print_table(record.get("bench"), record_path(record))) as run:
-        perplexity, skipped = wants_perplexity(cfg)
-        if perplexity:
-            check_eval_config(cfg)  # a checkpoint's tokenizer, before any work
-        elif cfg.model.get("vocab_size") is None and not cfg.model.get("checkpoint"):
-            raise ValueError("task=bench needs a vocabulary size: set tokenizer.vocab_size (or model.vocab_size), "
-                             "or bench.perplexity=true to take the tokenizer's")
+        with config_checks():
+            perplexity, skipped = wants_perplexity(cfg)
+            if perplexity:
+                check_eval_config(cfg)  # a checkpoint's tokenizer, before any work
+            elif cfg.model.get("vocab_size") is None and not cfg.model.get("checkpoint"):
+                raise ValueError("task=bench needs a vocabulary size: set tokenizer.vocab_size (or model.vocab_size), "
+                                 "or bench.perplexity=true to take the tokenizer's")
         device = resolve_device(cfg.bench.get("device") or cfg.get("train", {}).get("device", "auto"))
         run.start_logger()
         metrics = {}
@@ -419,6 +438,8 @@ def print_table(bench: dict | None, path=None) -> None:
         lines.append(f"  perplexity {bench['val_ppl']:.3f} (val loss {bench['val_loss']:.4f}{tokens})")
     elif (bench.get("perplexity") or {}).get("status") == "skipped":
         lines.append(f"  perplexity skipped: {bench['perplexity']['reason']}")
+    if busy_machine_warning(bench):
+        lines.append(f"  {busy_machine_warning(bench)}")
     if path:
         lines.append(f"  results    {path}")
     print("\n".join(lines))

@@ -13,6 +13,7 @@ rows and their labels, positions and document ids are derived per batch (runner/
 """
 import hashlib
 import json
+import logging
 import resource
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ from runner.data.packing import PACKING_MODES, PackedSplit, TokenSplit, rows_nee
 from runner.data.store import SPLITS, SplitWriter, commit_entry, disk_bytes, load_entry, new_entry, token_dtype
 from runner.data.tokenizer import Tokenizer, build_tokenizer
 
+log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # bump when the cached layout changes, so old cache entries are not reused (2: token streams)
 VERIFY = ("size", "checksum")
 
@@ -69,6 +71,7 @@ def build_data(cfg, cache_dir=None, rebuild: bool | None = None, num_proc: int |
     cache_dir = Path(cache_dir if cache_dir is not None else cfg.cache_dir)
     rebuild = bool(d.get("rebuild", False)) if rebuild is None else rebuild
 
+    log.info(f"data: reading the {d.name} corpus")
     corpus = load_corpus(d, cache_dir)
     corpus_s = time.perf_counter() - started
     tokenizer, tok_info = build_tokenizer(cfg.tokenizer, corpus.texts("train"), corpus.fingerprint, cache_dir, rebuild)

@@ -10,12 +10,14 @@ tokenized as ordinary text, so the only separators in a packed row are the ones 
 """
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Iterable
 
+log = logging.getLogger(__name__)
 EOT = "<|endoftext|>"
 N_BYTES = 256  # a byte-level BPE starts from all 256 byte symbols
 
@@ -112,6 +114,8 @@ def bpe_tokenizer(tok_cfg, train_texts, corpus_fingerprint, cache_dir, rebuild=F
     if path.exists() and not rebuild:
         return BPETokenizer(HFTok.from_file(str(path))), info
 
+    log.info(f"tokenizer: training a byte-level BPE of {tok_cfg.vocab_size:,} tokens on {len(train_texts):,} "
+             f"documents (once: cached in {path})")
     started = time.perf_counter()
     tok, train_chars = train_bpe(train_texts, tok_cfg.vocab_size, specials, settings["min_frequency"],
                                  settings["train_max_chars"])

@@ -1,0 +1,56 @@
+"""Run and sweep directory names from the task and the overridden choices (conf/config.yaml's hydra.run.dir,
+hydra.sweep.dir and hydra.sweep.subdir), e.g. outputs/sweeps/<date>/<time>_attention/3_attention=mqa,seed=1.
+
+Hydra's own ${hydra.job.override_dirname} keeps each key as typed: `model/attention=mqa` would nest a folder.
+This resolver takes the same overrides and exclude_keys (hydra.job.config.override_dirname), shortens each key
+to its last part (`attention=mqa`, `seed=1`; the full key where two would read alike), puts config-group
+choices first and cuts a long list on an item boundary. Imported by run.py, so no torch here.
+"""
+import re
+
+from omegaconf import OmegaConf
+
+MAX_LENGTH = 100  # characters of overrides in a folder name; the rest is counted, not spelled
+_UNSAFE = re.compile(r"[/\\\s'\"*?:<>|]+")  # path separators, spaces, quotes and shell/Windows specials
+
+
+def override_items(overrides, exclude_keys=()) -> list[tuple[str, str, bool]]:
+    """(key, value, is_group_choice) per override, excluded keys (and `+`/`~` prefixes) dropped."""
+    items = []
+    for line in overrides:
+        key, _, value = str(line).partition("=")
+        key = key.lstrip("+~")
+        if key in exclude_keys or key.startswith("hydra."):
+            continue
+        items.append((key, value, "/" in key or "." not in key))
+    return items
+
+
+def job_dirname(overrides, exclude_keys=(), max_length: int = MAX_LENGTH) -> str:
+    """`attention=mqa,seed=1` for overrides `model/attention=mqa train.seed=1`; "" for none."""
+    items = override_items(overrides, exclude_keys)
+    short = [re.split(r"[./]", key)[-1] for key, _, _ in items]
+    names = [s if short.count(s) == 1 else key.replace("/", ".") for s, (key, _, _) in zip(short, items)]
+    parts = sorted((not group, f"{name}={_UNSAFE.sub('_', value)}") for name, (_, value, group) in zip(names, items))
+    out, kept = "", 0
+    for _, part in parts:
+        if out and len(out) + 1 + len(part) > max_length:
+            break
+        out, kept = f"{out},{part}" if out else part, kept + 1
+    return out + (f",+{len(parts) - kept}" if kept < len(parts) else "")
+
+
+def _suffix(overrides, exclude_keys) -> str:
+    """`_<job_dirname>`, or "" when nothing was overridden: folder names read `<time>_<task>_<choices>`."""
+    name = job_dirname(OmegaConf.to_container(overrides) if OmegaConf.is_config(overrides) else overrides,
+                       OmegaConf.to_container(exclude_keys) if OmegaConf.is_config(exclude_keys) else exclude_keys)
+    return f"_{name}" if name else ""
+
+
+def register() -> None:
+    """${variants.dirname:<overrides>,<exclude_keys>} for conf/config.yaml (idempotent)."""
+    if not OmegaConf.has_resolver("variants.dirname"):
+        OmegaConf.register_new_resolver("variants.dirname", _suffix)
+
+
+register()  # on import: a submitit job imports this module when it unpickles run.py's main()

@@ -1,0 +1,166 @@
+"""What a new user meets first: folder names, run.log, config errors, resume without a checkpoint, Ctrl-C
+outside training, over-long prompts. Subprocess runs of run.py on tiny configs, as in test_train.py."""
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from test_train import TINY, results, run
+from runner.naming import job_dirname
+
+
+def test_job_dirname_reads_like_the_overrides_a_user_typed():
+    # the issue's example: +experiment names the sweep folder, the job folder names the choices
+    assert job_dirname(["+experiment=attention", "model/attention=mqa", "train.seed=1"],
+                       exclude_keys=["experiment"]) == "attention=mqa,seed=1"
+    # group choices first; keys that would read alike keep their full name; no path separators in a name
+    assert job_dirname(["train.batch_size=4", "eval.batch_size=8", "model=gpt2", "model.checkpoint=/a/b"]) == \
+        "model=gpt2,checkpoint=_a_b,eval.batch_size=8,train.batch_size=4"
+    long = job_dirname([f"model.k{i}={i}" for i in range(40)], max_length=30)
+    assert len(long) <= 30 + len(",+40") and long.endswith(f",+{40 - long.count('=')}")
+
+
+def test_sweep_folders_are_named_after_the_task_and_the_swept_choices(tmp_path, cache_dir):
+    run(["-m", "model/attention=mha,mqa", "model/position=rope,learned", "train.max_steps=1", "train.eval_every=0",
+         "train.checkpoint_every=0"], tmp_path, cache_dir)
+    sweep, = (tmp_path / "outputs" / "sweeps").glob("*/*")
+    assert re.fullmatch(r"\d\d-\d\d-\d\d_train", sweep.name)  # the task names a sweep without an experiment
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    expected = [f"{i}_attention={a},position={p}," for i, (a, p) in
+                enumerate([(a, p) for a in ("mha", "mqa") for p in ("rope", "learned")])]
+    assert [name[:len(prefix)] for name, prefix in zip(jobs, expected)] == expected, jobs
+    assert all("cache_dir" not in name and "logger" not in name for name in jobs)
+    for name, prefix in zip(jobs, expected):
+        r = results(sweep / name)
+        assert r["status"] == "ok" and f"attention={r['variant']['attention']}" in prefix
+        assert f"position={r['variant']['position']}" in prefix
+
+
+def test_a_compare_job_folder_is_named_after_the_task(tmp_path, cache_dir):
+    out = run(["task=compare", f"compare.dirs=[{tmp_path / 'nothing'}]"], tmp_path, cache_dir, check=False)
+    assert out.returncode != 0
+    job, = (tmp_path / "outputs" / "runs").glob("*/*")
+    assert re.fullmatch(r"\d\d-\d\d-\d\d_compare_.*", job.name) and "gqa_rope" not in job.name, job.name
+
+
+def test_a_config_error_prints_one_line_and_the_key_without_a_traceback(tmp_path, cache_dir):
+    out = run(["hydra.run.dir=run", "model.attention.n_kv_heads=3"], tmp_path, cache_dir, check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "Traceback" not in text and "hydra" not in out.stderr.lower()
+    assert "config error: model.attention.n_kv_heads=3 must divide model.n_heads=2" in text
+    assert "change model.attention.n_kv_heads" in text
+    assert results(tmp_path / "run")["status"] == "failed"
+    assert "config error:" in (tmp_path / "run" / "run.log").read_text()
+    full = run(["hydra.run.dir=run2", "model.attention.n_kv_heads=3"], tmp_path, cache_dir, check=False,
+               env={"HYDRA_FULL_ERROR": "1"})
+    assert full.returncode != 0 and "Traceback" in full.stderr  # the whole story on request
+
+
+def test_resume_without_a_checkpoint_stops_and_lists_the_runs_that_can_be_resumed(tmp_path, cache_dir):
+    old = "outputs/runs/2026-01-01/10-00-00_train"
+    run([f"hydra.run.dir={old}", "train.checkpoint_every=3", "model.d_model=48"], tmp_path, cache_dir)
+    run(["hydra.run.dir=outputs/runs/2026-01-01/11-00-00_train", "train.checkpoint_every=0", "train.max_steps=1"],
+        tmp_path, cache_dir)
+    out = run(["train.resume=true"], tmp_path, cache_dir, check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "Traceback" not in text
+    fresh, = [p for p in (tmp_path / "outputs" / "runs").glob("*/*") if not p.name.startswith(("10-", "11-"))]
+    assert results(fresh)["status"] == "failed" and not (fresh / "checkpoints").exists()  # nothing trained
+    listed = sorted({line for line in text.splitlines() if "train.resume=true hydra.run.dir=" in line})
+    assert len(listed) == 1 and old in listed[0]  # the run without a checkpoint is not offered
+    command = shlex.split(listed[0].split(": ", 1)[1])
+    assert "model.d_model=48" in command  # the run's own overrides: its checkpoint fits
+    resumed = subprocess.run([sys.executable, str(ROOT / "run.py"), *command[2:]], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_SILENT": "true"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert results(tmp_path / old)["resumed_from"].endswith("step_0000006.pt")
+
+
+@pytest.mark.parametrize("task, args, phase", [
+    # interrupted while the corpus and tokenizer build (cold), while the suite runs, while decoding
+    ("eval", ["task=eval", "data.max_documents=null"], "data: reading"),
+    ("bench", ["task=bench"], "benchmark ("),
+    ("generate", ["task=generate", "model.max_seq_len=4096", "generate.max_new_tokens=4000"], "data: packed rows"),
+])
+def test_ctrl_c_outside_training_records_interrupted_in_one_line(tmp_path, cache_dir, task, args, phase):
+    cache = cache_dir if task != "eval" else tmp_path / "cold"
+    if task == "generate":  # the tokenizer built and cached first: the signal lands in the decode loop
+        run(["hydra.run.dir=warm", "train.max_steps=1"], tmp_path, cache)
+    cmd = [sys.executable, str(ROOT / "run.py"), *TINY, f"cache_dir={cache}", "hydra.run.dir=run", *args]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "WANDB_SILENT": "true"})
+    log, deadline = tmp_path / "run" / "run.log", time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (log.exists() and phase in log.read_text()):
+        time.sleep(0.05)  # the job's log says when the phase begins
+    time.sleep(0.5 if task != "generate" else 2.0)
+    assert proc.poll() is None, "finished before the signal: the test needs a longer phase"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stdout + stderr
+    r = results(tmp_path / "run")
+    assert r["status"] == "interrupted" and r["task"] == task
+    assert r["error"]["type"] == "Interrupted" and "\n" not in r["error"]["message"]
+    assert f"Ctrl-C: {task} stopped before it finished" in stdout
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_an_over_long_prompt_is_the_same_clear_error_for_every_position_type(tmp_path, monkeypatch, position):
+    from conftest import compose
+    from runner.generate import main
+    from test_generate import save_tiny_tokenizer
+    monkeypatch.chdir(tmp_path)  # results.json: the cwd outside Hydra
+    tok = save_tiny_tokenizer(tmp_path / "tok")
+    cfg = compose(["task=generate", f"model/position={position}", "tokenizer=hf", f"tokenizer.name_or_path={tok}",
+                   "data.seq_len=16", "generate.max_new_tokens=8", "prompt='" + "x = 1 + 2; " * 4 + "'", "logger=none"])
+    with pytest.raises(ValueError, match=r"generate\.max_new_tokens=8 after a prompt of (\d+) tokens needs \d+ "
+                                         r"positions, more than model\.max_seq_len=16") as err:
+        main(cfg)
+    assert getattr(err.value, "config_error", False)  # run.py prints it in one line
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["status"] == "failed" and "model.max_seq_len=16" in r["error"]["message"]
+    # a prompt that fits generates, for both position types
+    cfg = compose(["task=generate", f"model/position={position}", "tokenizer=hf", f"tokenizer.name_or_path={tok}",
+                   "data.seq_len=16", "generate.max_new_tokens=8", "prompt='x = 1'", "logger=none"])
+    assert 1 <= len(main(cfg)["tokens"][0]) <= 8
+
+
+def test_run_log_holds_the_job_log_and_the_summary_is_printed_last(tmp_path, cache_dir):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # as a user meets W&B: no settings
+    out = subprocess.run([sys.executable, str(ROOT / "run.py"), *TINY, f"cache_dir={cache_dir}", "hydra.run.dir=run",
+                          "logger=wandb", "train.max_steps=2"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env={**env, "HOME": str(tmp_path)})  # no key, no netrc: offline
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = (tmp_path / "run" / "run.log").read_text()
+    for phase in ("data:", "training", "final evaluation", "W&B offline run"):
+        assert phase in log, phase
+    assert log.count("W&B") == 1 and "wandb:" not in out.stdout + out.stderr  # W&B itself says nothing
+    assert out.stdout.rstrip().splitlines()[-1].startswith("results ")  # the run's summary comes last
+    assert "training" in out.stderr and "training" not in out.stdout  # the log on stderr, stdout for results
+
+
+def test_a_requeued_slurm_job_without_a_checkpoint_starts_from_scratch_even_with_resume_true(tmp_path, cache_dir):
+    run(["hydra.run.dir=run", "train.resume=true", "train.max_steps=1"], tmp_path, cache_dir,
+        env={"SLURM_RESTART_COUNT": "1"})
+    r = results(tmp_path / "run")
+    assert r["status"] == "ok" and "resumed_from" not in r and r["metrics"]["steps"] == 1
+
+
+def test_timings_on_a_busy_machine_say_so(capsys):
+    from runner.bench import print_table
+    from runner.train import print_summary
+    bench = {"device": "cpu", "dtype": "float32", "torch": "2", "date": "2026-12-02", "repeats": 3, "warmup": 1,
+             "train": [], "prefill": [], "decode": [], "kernels": [], "memory_kind": "rss"}
+    for load, busy in [(0.5, False), (2.0, False), (2.5, True)]:  # 2 cores in use: busy past a load of 2
+        print_table({**bench, "cpu_load_average": load, "cpu_threads": 2})
+        print_summary({"status": "ok", "cpu_load_average": load, "cpu_threads": 2, "output_dir": "x"})
+        out = capsys.readouterr().out
+        assert out.count(f"busy machine (load average {load:.1f} on 2 cores in use)") == (2 if busy else 0)
