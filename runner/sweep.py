@@ -93,9 +93,13 @@ def finished_record(out_dir, cfg) -> dict | None:
         return None
     if _without_resume(data.get("config")) != _without_resume(now):
         return None
-    from runner.checkpoint import latest_checkpoint  # imported here: run.py imports this module without torch
-    latest = latest_checkpoint(out_dir)  # a checkpoint behind the recorded steps: the run is being redone
-    if latest is not None and int(latest.stem.split("_")[-1]) != (data.get("metrics") or {}).get("steps"):
+    # imported here: run.py imports this module without torch
+    from runner.checkpoint import NoReadableCheckpoint, load_latest_readable
+    try:  # the newest readable checkpoint (a damaged one is set aside): behind the recorded steps, not finished
+        latest = load_latest_readable(out_dir, required_keys=("step",))
+    except NoReadableCheckpoint:
+        return None  # the resume says which files it tried
+    if latest is not None and latest[1]["step"] != (data.get("metrics") or {}).get("steps"):
         return None
     return data
 
