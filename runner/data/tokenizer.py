@@ -114,7 +114,7 @@ def bpe_tokenizer(tok_cfg, train_texts, corpus_fingerprint, cache_dir, rebuild=F
     if path.exists() and not rebuild:
         return BPETokenizer(HFTok.from_file(str(path))), info
 
-    log.info(f"tokenizer: training a byte-level BPE of {tok_cfg.vocab_size:,} tokens on {len(train_texts):,} "
+    log.info(f"tokenizer: training a byte-level BPE of {tok_cfg.vocab_size:,} tokens on a sample of the training "
              f"documents (once: cached in {path})")
     started = time.perf_counter()
     tok, train_chars = train_bpe(train_texts, tok_cfg.vocab_size, specials, settings["min_frequency"],
