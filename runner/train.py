@@ -132,7 +132,7 @@ def _saved_overrides(run_dir: Path) -> list[str]:
 def main(cfg: DictConfig):
     out_dir = output_dir()  # the same on every rank (run.py shares rank 0's timestamp)
     is_main = distributed.process_rank() == 0
-    if cfg.train.resume in (True, "auto") and (done := finished_record(out_dir, cfg)) is not None:
+    if cfg.train.resume == "auto" and (done := finished_record(out_dir, cfg)) is not None:
         if is_main:  # a resumed sweep's finished job: nothing left to spend
             print(f"{out_dir}: finished with this budget before; kept as it is")
         return done
@@ -253,7 +253,8 @@ class Trainer:
     def fit(self):
         dist = self.dist
         if dist.is_main:
-            log.info(f"training {self.results.data['params']:,} parameters for {self.max_steps - self.step} steps of "
+            budget = f"{self.max_steps - self.step} steps" if self.max_steps else "the time budget, in steps"
+            log.info(f"training {self.results.data['params']:,} parameters for {budget} of "
                      f"{self.tokens_per_step:,} tokens on {self.device}; run directory {self.out_dir}")
         self.model.train()
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,

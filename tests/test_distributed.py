@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, compose
 from test_train import TINY, results, run
 
-TIMING = ("tokens_per_s", "mfu")
+TIMING = ("tokens_per_s", "mfu", "seconds")
 
 
 def torchrun(args, cwd, cache_dir, nproc=2, stagger_s=0.0, check=True):
@@ -125,7 +125,7 @@ def test_sweep_through_submitit_local_writes_every_result(tmp_path, cache_dir):
                                                          (tmp_path / "sweep").glob("*/results.json"))}
     assert sorted(found) == [0, 1], out.stderr[-3000:]
     assert all(r["status"] == "ok" and r["distributed"] == {"mode": "ddp", "world_size": 2} for r in found.values())
-    assert all(r["config"]["train"]["resume"] is True for r in found.values())  # launcher=local's overlay
+    assert all(r["config"]["train"]["resume"] == "auto" for r in found.values())  # launcher=local's overlay
     assert list((tmp_path / "sweep" / ".submitit").iterdir())  # the jobs ran as submitit jobs
 
 
@@ -231,7 +231,7 @@ def test_launcher_configs_compose():
     for name, target in [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")]:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = hydra_compose("config", overrides=[f"launcher={name}"], return_hydra_config=True)
-        assert cfg.hydra.launcher._target_.endswith(target) and cfg.train.resume is True
+        assert cfg.hydra.launcher._target_.endswith(target) and cfg.train.resume == "auto"
     assert cfg.hydra.launcher.tasks_per_node == 1
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = hydra_compose("config", overrides=["launcher=slurm", "hydra.launcher.gpus_per_node=4"],

@@ -83,9 +83,11 @@ def build_data(cfg, cache_dir=None, rebuild: bool | None = None, num_proc: int |
     checksums = d.get("verify", "size") == "checksum"
     hit = None if rebuild else load_entry(path, CACHE_VERSION, checksums)
     if hit is None:
+        log.info(f"data: tokenizing into rows of {d.seq_len} tokens (cached in {path})")
         write_entry(path, corpus, tokenizer, d, num_proc or int(d.get("num_proc", 1)))
         meta, arrays = load_entry(path, CACHE_VERSION, checksums)
     else:
+        log.info(f"data: packed rows from the cache {path}")
         meta, arrays = hit
     splits = {s: TokenSplit(*arrays[s], d.seq_len, d.packing, tokenizer.pad_id) for s in SPLITS}
     seconds = time.perf_counter() - started
