@@ -7,6 +7,7 @@ to its last part (`attention=mqa`, `seed=1`; the full key where two would read a
 choices first and cuts a long list on an item boundary. Imported by run.py, so no torch here.
 """
 import re
+import shlex
 
 from omegaconf import OmegaConf
 
@@ -53,4 +54,17 @@ def register() -> None:
         OmegaConf.register_new_resolver("variants.dirname", _suffix)
 
 
+HYDRA_SPECIAL = set("=,+ []{}()'\"\\:$~*")
+
+
+def override(key: str, value) -> str:
+    """`key=value` as one shell word that Hydra's override grammar reads back: a folder named after its
+    overrides holds '=' and ',' (e.g. ..._attention=mqa,seed=1), which Hydra needs quoted."""
+    text = str(value)
+    if any(c in HYDRA_SPECIAL for c in text):
+        text = "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return shlex.quote(f"{key}={text}")
+
+
 register()  # on import: a submitit job imports this module when it unpickles run.py's main()
+

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from runner.naming import override
+
 
 class SweepInterrupted(BaseException):
     """The sweep was stopped by a signal during one of its jobs (which recorded `interrupted`)."""
@@ -73,7 +75,7 @@ def resume_sweep_command(sweep_dir: str, argv: list[str] | None = None) -> str:
     keep = [a for a in argv if a not in ("-m", "--multirun")
             and not a.lstrip("+~").startswith(("train.resume=", "hydra.sweep.dir="))]
     return " ".join(["python run.py -m", *map(shlex.quote, keep), "train.resume=auto",
-                     shlex.quote(f"hydra.sweep.dir={sweep_dir}")])
+                     override("hydra.sweep.dir", sweep_dir)])
 
 
 def finished_record(out_dir, cfg) -> dict | None:

@@ -31,6 +31,7 @@ from runner.compute import autocast_dtype, aux_loss, batch_loss
 from runner.evaluate import evaluate, require_checkpoint_tokenizer
 from runner.task import Interrupted, StopSignal, config_checks, task_run
 from runner.formatting import format_bytes
+from runner.naming import override
 from runner.runlock import RunLock
 from runner.tracking import PART_FAMILIES, Results, busy_machine_warning, machine_load, output_dir
 
@@ -88,7 +89,7 @@ def resume_command(out_dir, overrides: list[str] | None = None) -> str:
     saved from) with train.resume=true and the run's directory."""
     overrides = task_overrides() if overrides is None else overrides
     keep = [o for o in overrides if not o.lstrip("+~").startswith(("train.resume=", "hydra.run.dir="))]
-    return " ".join(["python run.py", *map(shlex.quote, keep), "train.resume=true", f"hydra.run.dir={out_dir}"])
+    return " ".join(["python run.py", *map(shlex.quote, keep), "train.resume=true", override("hydra.run.dir", out_dir)])
 
 
 def resumable_runs(root="outputs", limit: int = 5) -> list[tuple[Path, Path]]:
@@ -145,7 +146,8 @@ def main(cfg: DictConfig):
         with config_checks():  # before any data is read or weight allocated
             check_model_config(cfg.model)
             check_train_config(cfg)
-            require_checkpoint_to_resume(cfg, out_dir)
+            if is_main:  # rank 0 holds the checkpoints
+                require_checkpoint_to_resume(cfg, out_dir)
         dist = distributed.setup(cfg.train.distributed, cfg.train.device)
         run.on_close(lambda status: distributed.close(dist, ok=status in ("ok", "interrupted")))
         run.start_logger()

@@ -83,7 +83,7 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(ddp_run, cache_dir):
     """Checkpoints hold full tensors keyed by name and a loader position counted in steps: they fit any split."""
     (ddp_dir,) = (ddp_run / "outputs" / "runs").glob("*/*")
     step3 = ddp_dir / "checkpoints" / "step_0000003.pt"
-    run(["hydra.run.dir=from_ddp", "train.grad_accum=2", f"train.resume={step3}"], ddp_run, cache_dir)
+    run(["hydra.run.dir=from_ddp", "train.grad_accum=2", f"train.resume='{step3}'"], ddp_run, cache_dir)
     resumed = results(ddp_run / "from_ddp")
     assert resumed["resumed_from"] == str(step3) and resumed["distributed"]["world_size"] == 1
     assert_curves_close(resumed["curves"]["train"], results(ddp_dir)["curves"]["train"], rel=1e-4)
