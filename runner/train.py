@@ -12,9 +12,7 @@ share of each batch; rank 0 alone writes results.json, checkpoints, W&B and the 
 import logging
 import math
 import os
-import shlex
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, open_dict
@@ -31,7 +29,7 @@ from runner.compute import autocast_dtype, aux_loss, batch_loss
 from runner.evaluate import evaluate, require_checkpoint_tokenizer
 from runner.task import Interrupted, StopSignal, config_checks, task_run
 from runner.formatting import format_bytes
-from runner.naming import override
+from runner.resume import require_checkpoint_to_resume, resume_command, resume_source, task_overrides
 from runner.runlock import RunLock
 from runner.tracking import PART_FAMILIES, Results, busy_machine_warning, machine_load, output_dir
 
@@ -73,61 +71,6 @@ def check_train_config(cfg: DictConfig):
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     require_checkpoint_tokenizer(cfg)
-
-
-def task_overrides() -> list[str]:
-    """This job's command-line overrides (empty outside a Hydra job)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        return list(HydraConfig.get().overrides.task)
-    except Exception:  # noqa: BLE001 -- called outside a Hydra job
-        return []
-
-
-def resume_command(out_dir, overrides: list[str] | None = None) -> str:
-    """The command line that continues this run: its own overrides (a checkpoint fits only the model it was
-    saved from) with train.resume=true and the run's directory."""
-    overrides = task_overrides() if overrides is None else overrides
-    keep = [o for o in overrides if not o.lstrip("+~").startswith(("train.resume=", "hydra.run.dir="))]
-    return " ".join(["python run.py", *map(shlex.quote, keep), "train.resume=true", override("hydra.run.dir", out_dir)])
-
-
-def resumable_runs(root="outputs", limit: int = 5) -> list[tuple[Path, Path]]:
-    """(run directory, latest checkpoint) of the runs under root (runs and sweep jobs), newest first."""
-    found = []
-    for ckpt_dir in [*Path(root).glob("runs/*/*/checkpoints"), *Path(root).glob("sweeps/*/*/*/checkpoints")]:
-        latest = latest_checkpoint(ckpt_dir.parent)
-        if latest is not None:
-            found.append((ckpt_dir.parent, latest))
-    return sorted(found, key=lambda run: run[1].stat().st_mtime, reverse=True)[:limit]
-
-
-def require_checkpoint_to_resume(cfg: DictConfig, out_dir) -> None:
-    """train.resume=true (or a PATH) continues a run; without a checkpoint there it would quietly train from scratch
-    in a new folder. Stop, and list the runs that can be resumed with the command for each. (train.resume=auto,
-    the launchers' setting, and a requeued SLURM job start from scratch when there is none yet.)"""
-    resume = cfg.train.resume
-    if resume is not True and not (isinstance(resume, str) and resume != "auto"):
-        return
-    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
-        return  # a requeued job that never checkpointed: from scratch, in its own directory
-    where = out_dir if resume is True else Path(resume)
-    if latest_checkpoint(where) is not None:
-        return
-    runs = [f"  {run_dir} (step {int(ckpt.stem.split('_')[1])}): {resume_command(run_dir, _saved_overrides(run_dir))}"
-            for run_dir, ckpt in resumable_runs()]
-    setting = "true" if resume is True else resume
-    raise ValueError(f"train.resume={setting} but {where} holds no checkpoint: name the run to continue with "
-                     f"hydra.run.dir=<its folder> (or train.resume=<its folder>). " +
-                     ("Runs that can be resumed, newest first:\n" + "\n".join(runs) if runs
-                      else "No run under outputs/ has a checkpoint yet."))
-
-
-def _saved_overrides(run_dir: Path) -> list[str]:
-    """The overrides a run was started with (Hydra's .hydra/overrides.yaml), for its resume command."""
-    from omegaconf import OmegaConf
-    path = run_dir / ".hydra" / "overrides.yaml"
-    return list(OmegaConf.load(path)) if path.is_file() else []
 
 
 def main(cfg: DictConfig):
@@ -218,12 +161,9 @@ class Trainer:
     def resume(self):
         """train.resume=true|auto (or a path, or a requeued SLURM job): continue from the latest checkpoint."""
         t, dist = self.t, self.dist
-        resume = t.resume
-        if not resume and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
-            resume = True  # SLURM requeued this job (preemption, time limit): continue, whatever the launcher set
-        if not resume:
+        resume_from = resume_source(t.resume, self.out_dir)
+        if resume_from is None:
             return
-        resume_from = self.out_dir if resume is True or resume == "auto" else resume
         # rank 0 reads the newest readable checkpoint (a damaged one is set aside); the path, the weights and
         # the optimizer state reach the other ranks by broadcast
         loaded = load_latest_readable(resume_from, RESUME_KEYS) if dist.is_main else None

@@ -9,36 +9,34 @@ norm still precedes the head.
 from torch import nn
 
 
-class PreNormBlock(nn.Module):
+class Block(nn.Module):
+    """The parts every placement shares: attention and feed-forward, each with its norm. A subclass says where
+    the norms sit (forward) and whether the model needs a final norm before the head."""
     needs_final_norm = True
 
     def __init__(self, attention: nn.Module, ffn: nn.Module, norm1: nn.Module, norm2: nn.Module):
         super().__init__()
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = norm1, attention, norm2, ffn
+
+
+class PreNormBlock(Block):
+    needs_final_norm = True
 
     def forward(self, x, rotary=None, ctx=None, cache=None):
         x = x + self.attn(self.attn_norm(x), rotary, ctx, cache)
         return x + self.ffn(self.ffn_norm(x))
 
 
-class PostNormBlock(nn.Module):
+class PostNormBlock(Block):
     needs_final_norm = False
-
-    def __init__(self, attention: nn.Module, ffn: nn.Module, norm1: nn.Module, norm2: nn.Module):
-        super().__init__()
-        self.attn_norm, self.attn, self.ffn_norm, self.ffn = norm1, attention, norm2, ffn
 
     def forward(self, x, rotary=None, ctx=None, cache=None):
         x = self.attn_norm(x + self.attn(x, rotary, ctx, cache))
         return self.ffn_norm(x + self.ffn(x))
 
 
-class OLMo2Block(nn.Module):
+class OLMo2Block(Block):
     needs_final_norm = True
-
-    def __init__(self, attention: nn.Module, ffn: nn.Module, norm1: nn.Module, norm2: nn.Module):
-        super().__init__()
-        self.attn_norm, self.attn, self.ffn_norm, self.ffn = norm1, attention, norm2, ffn
 
     def forward(self, x, rotary=None, ctx=None, cache=None):
         x = x + self.attn_norm(self.attn(x, rotary, ctx, cache))
