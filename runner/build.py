@@ -86,7 +86,7 @@ def build_phi3(checkpoint=None, dtype=None, **model_kwargs) -> TransformerLM:
     if attn is not None and getattr(attn, "func", attn) is not Attention:
         raise ValueError(f"a checkpoint loads into variants.Attention, not {attn!r}")
     return from_hf(checkpoint, n_kv_heads=options.get("n_kv_heads"), window=options.get("window"),
-                   attention_schedule=model_kwargs.get("attention_schedule"), kernel=options.get("kernel", "sdpa"),
+                   attention_schedule=model_kwargs.get("attention_schedule"), kernel=options.get("kernel", "auto"),
                    dtype=dtype, model_cls=TransformerLM)
 
 

@@ -61,6 +61,8 @@ class FlexKernel:
     _compiled = None
 
     def __call__(self, q, k, v, pattern, ctx, scale, score_mods=()):
+        if ctx.fixed_shape:  # a compiled decode step: a block mask rebuilt every step would cost more than
+            return KERNELS["sdpa"](q, k, v, pattern, ctx, scale, score_mods)  # one dense row of booleans
         if q.device.type == "cpu" and q.requires_grad:
             raise RuntimeError(
                 "FlexAttention has no backward pass on CPU in this torch; train with "
@@ -77,7 +79,31 @@ class FlexKernel:
         return attend(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True)
 
 
-KERNELS = {"eager": EagerKernel(), "sdpa": SDPAKernel(), "flex": FlexKernel()}
+class AutoKernel:
+    """The default: FlexAttention on CUDA where its block mask skips work SDPA would need a dense mask for
+    (a row packing several documents, or a pattern that is not plain causal), unless the shapes are a
+    compiled decode step's; SDPA otherwise (its causal fast path where it applies), so CPU runs and plain
+    causal rows keep SDPA's flash kernel."""
+
+    @staticmethod
+    def choose(q, pattern, ctx) -> str:
+        masked = ctx.q_doc is not None or not isinstance(pattern, Causal)
+        return "flex" if q.device.type == "cuda" and masked and not ctx.fixed_shape else "sdpa"
+
+    def __call__(self, q, k, v, pattern, ctx, scale, score_mods=()):
+        return KERNELS[self.choose(q, pattern, ctx)](q, k, v, pattern, ctx, scale, score_mods)
+
+
+KERNELS = {"eager": EagerKernel(), "sdpa": SDPAKernel(), "flex": FlexKernel(), "auto": AutoKernel()}
+
+
+def attend(module, q, k, v, ctx, scale):
+    """Run `module.kernel` on (q, k, v) with its pattern and the call's and its own score modifiers, and
+    note in `module.ran` the kernel that ran (what results.json records per layer under kernel=auto)."""
+    kernel = KERNELS[module.kernel]
+    if not torch.compiler.is_compiling():  # an attribute write inside a compiled step would re-trace it
+        module.ran = kernel.choose(q, module.pattern, ctx) if isinstance(kernel, AutoKernel) else module.kernel
+    return kernel(q, k, v, module.pattern, ctx, scale, ctx.score_mods + module.score_mods)
 
 
 class Attention(nn.Module):
@@ -88,7 +114,8 @@ class Attention(nn.Module):
         n_heads: query heads.
         n_kv_heads: key/value heads; None means n_heads (MHA). Must divide n_heads.
         head_dim: per-head size; None means d_model // n_heads.
-        kernel: "eager", "sdpa" or "flex".
+        kernel: "auto" (flex for packed or masked rows on CUDA, else sdpa; see AutoKernel), "eager", "sdpa"
+            or "flex". `ran` holds the kernel the last call ran.
         window: if set and no `pattern` is given, sliding-window attention over the last `window` tokens.
         pattern: a mask predicate from masks.py (the model passes one per layer for dense/sparse schedules).
         bias: biases on the q/k/v/o projections.
@@ -99,7 +126,7 @@ class Attention(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
-                 kernel: str = "sdpa", window: int | None = None, pattern=None, bias: bool = False,
+                 kernel: str = "auto", window: int | None = None, pattern=None, bias: bool = False,
                  softcap: float | None = None, qk_norm: bool = False):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
@@ -119,6 +146,7 @@ class Attention(nn.Module):
             raise ValueError("set either model.attention.window or a per-layer attention schedule, not both")
         self.pattern = pattern if pattern is not None else (SlidingWindow(window) if window is not None else Causal())
         self.n_heads, self.n_kv_heads, self.head_dim, self.kernel = n_heads, n_kv_heads, head_dim, kernel
+        self.ran = None
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
@@ -146,6 +174,5 @@ class Attention(nn.Module):
             k, v = cache.update(k, v)  # all keys/values so far, (B, Hkv, Tkv, hd)
         if ctx is None:
             ctx = AttentionContext(T, k.shape[2], k.shape[2] - T, device=x.device)
-        y = KERNELS[self.kernel](q, k, v, self.pattern, ctx, 1.0 / math.sqrt(self.head_dim),
-                                 ctx.score_mods + self.score_mods)
+        y = attend(self, q, k, v, ctx, 1.0 / math.sqrt(self.head_dim))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -46,8 +46,12 @@ class KVCache:
     def reset(self):
         self.length = 0
 
-    def layer(self, index: int) -> "LayerCache":
-        return LayerCache(self, index)
+    def layer(self, index: int, slots=None) -> "LayerCache":
+        return LayerCache(self, index, slots)
+
+    @property
+    def device(self):
+        return self.document_ids.device
 
     def write(self, index: int, *tensors):
         """Store this call's tensors (B, heads, T, dim), one per layout entry; return each with all cached."""
@@ -60,6 +64,26 @@ class KVCache:
             out.append(buffer[index, :, :, :end])
         return tuple(out)
 
+    # -- fixed shapes (compiled decoding, runner/decode.py): slots are a tensor, nothing is sliced ----------
+    def write_at(self, index: int, slots, *tensors):
+        """Store this call's tensors (B, heads, T, dim) at cache slots `slots` (T,) and return the whole
+        buffers (B, heads, max_len, dim): the same shapes at every call, so a compiled step never recompiles."""
+        out = []
+        for buffer, t in zip(self.buffers.values(), tensors):
+            buffer[index].index_copy_(2, slots, t.to(buffer.dtype))
+            out.append(buffer[index])
+        return tuple(out)
+
+    def record_at(self, slots, document_ids, position_ids):
+        """The ids (B, T) of the tokens about to be written at `slots`, recorded before the layers attend."""
+        self.document_ids.index_copy_(1, slots, document_ids)
+        self.position_ids.index_copy_(1, slots, position_ids)
+
+    def mark_static(self):
+        """Tell torch.compile the buffers keep their addresses (CUDA graphs then write them in place)."""
+        for t in (*self.buffers.values(), self.document_ids, self.position_ids):
+            torch._dynamo.mark_static_address(t)
+
     def advance(self, document_ids, position_ids):
         """Record the ids of the tokens just written by every layer and move the write position on."""
         T = document_ids.shape[1]
@@ -71,8 +95,11 @@ class KVCache:
 class LayerCache:
     """One layer's view of a KVCache, handed to its attention module."""
 
-    def __init__(self, cache: KVCache, index: int):
-        self.cache, self.index = cache, index
+    def __init__(self, cache: KVCache, index: int, slots=None):
+        self.cache, self.index, self.slots = cache, index, slots
 
     def update(self, *tensors):
+        """This call's tensors in, every cached token's out (with `slots`: the whole buffers, masked later)."""
+        if self.slots is not None:
+            return self.cache.write_at(self.index, self.slots, *tensors)
         return self.cache.write(self.index, *tensors)

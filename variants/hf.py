@@ -108,7 +108,7 @@ def rope_settings(cfg: dict) -> dict:
     return {"theta": float(theta), "partial_rotary_factor": float(partial_rotary), "scaling": scaling}
 
 
-def architecture(cfg: dict, kernel: str = "sdpa", window=None, attention_schedule=None) -> dict:
+def architecture(cfg: dict, kernel: str = "auto", window=None, attention_schedule=None) -> dict:
     """TransformerLM keyword arguments for a Phi-3 config.json (its defaults are Phi3Config's)."""
     d_model, n_heads = cfg.get("hidden_size", 3072), cfg.get("num_attention_heads", 32)
     act = cfg.get("hidden_act", "silu")
@@ -190,7 +190,7 @@ def phi3_to_ours(tensors: dict, shapes: dict, n_layers: int, tied: bool) -> dict
 
 
 def from_hf(path_or_id, n_kv_heads: int | None = None, window: int | None = None, attention_schedule=None,
-            kernel: str = "sdpa", dtype=None, revision: str | None = None, *, model_cls) -> nn.Module:
+            kernel: str = "auto", dtype=None, revision: str | None = None, *, model_cls) -> nn.Module:
     """Load a Phi-3 checkpoint (a local directory or a Hub id) into `model_cls` (TransformerLM, whose
     `from_hf` calls this), in eval mode.
 

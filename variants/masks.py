@@ -60,6 +60,8 @@ class AttentionContext:
     adds its own after them (Attention's soft-capping).
     """
 
+    fixed_shape = False  # True: the keys are a whole preallocated cache (CacheSlotContext)
+
     def __init__(self, q_len: int, kv_len: int, q_offset: int = 0, q_doc=None, kv_doc=None, device="cpu",
                  score_mods: tuple = ()):
         self.q_len, self.kv_len, self.q_offset = q_len, kv_len, q_offset
@@ -67,16 +69,20 @@ class AttentionContext:
         self.score_mods = tuple(score_mods)
         self._built = {}
 
+    def q_index(self, q_idx):
+        """The absolute (cache) index of query row q_idx (a tensor)."""
+        return q_idx + self.q_offset
+
     def mask_mod(self, pattern):
         """FlexAttention mask_mod(b, h, q_idx, kv_idx) for `pattern` plus same-document."""
-        offset, q_doc, kv_doc = self.q_offset, self.q_doc, self.kv_doc
+        where, q_doc, kv_doc = self.q_index, self.q_doc, self.kv_doc
         if q_doc is None:
-            return lambda b, h, q_idx, kv_idx: pattern(q_idx + offset, kv_idx)
-        return lambda b, h, q_idx, kv_idx: pattern(q_idx + offset, kv_idx) & (q_doc[b, q_idx] == kv_doc[b, kv_idx])
+            return lambda b, h, q_idx, kv_idx: pattern(where(q_idx), kv_idx)
+        return lambda b, h, q_idx, kv_idx: pattern(where(q_idx), kv_idx) & (q_doc[b, q_idx] == kv_doc[b, kv_idx])
 
     def dense(self, pattern):
         """Boolean mask (B or 1, 1, Tq, Tkv), True = attend."""
-        q_idx = torch.arange(self.q_len, device=self.device)[:, None] + self.q_offset
+        q_idx = self.q_index(torch.arange(self.q_len, device=self.device))[:, None]
         kv_idx = torch.arange(self.kv_len, device=self.device)[None, :]
         mask = pattern(q_idx, kv_idx)[None, None]
         if self.q_doc is not None:
@@ -88,11 +94,11 @@ class AttentionContext:
         if not mods:
             return None
         fns = [self.cached(("score", mod), lambda mod=mod: mod.build(self.device)) for mod in mods]
-        offset = self.q_offset
+        where = self.q_index
 
         def score_mod(score, b, h, q_idx, kv_idx):
             for fn in fns:
-                score = fn(score, b, h, q_idx + offset, kv_idx)
+                score = fn(score, b, h, where(q_idx), kv_idx)
             return score
         return score_mod
 
@@ -116,3 +122,40 @@ class AttentionContext:
         if key not in self._built:
             self._built[key] = build()
         return self._built[key]
+
+
+class CacheSlotContext(AttentionContext):
+    """Fixed-shape attention over a whole preallocated KV cache (gpt-fast's decoding): the queries sit at
+    cache slots `q_slots` (T,), a tensor, and attend over all max_len slots; slots not yet written (and later
+    ones) are masked by the causal patterns themselves (kv <= q), so the shapes are the same at every step
+    and a compiled step never recompiles.
+
+    q_doc: (B, T); kv_doc: (B, max_len), the cache's document ids with the new tokens' already recorded.
+    """
+
+    fixed_shape = True
+
+    def __init__(self, q_slots, q_doc, kv_doc, score_mods: tuple = ()):
+        super().__init__(q_slots.shape[0], kv_doc.shape[1], 0, q_doc, kv_doc, device=q_slots.device,
+                         score_mods=score_mods)
+        self.q_slots = q_slots
+
+    def q_index(self, q_idx):
+        return self.q_slots[q_idx]
+
+    def mask_mod(self, pattern):
+        return super().mask_mod(_WrittenSlots(pattern))
+
+    def dense(self, pattern):
+        return super().dense(_WrittenSlots(pattern))
+
+
+@dataclass(frozen=True)
+class _WrittenSlots:
+    """A pattern restricted to cache slots at or before the query's: later slots hold stale keys (an earlier
+    generation's) or none yet, whatever the pattern says."""
+
+    pattern: object
+
+    def __call__(self, q_idx, kv_idx):
+        return self.pattern(q_idx, kv_idx) & (kv_idx <= q_idx)

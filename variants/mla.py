@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from .attention import KERNELS
+from .attention import KERNELS, attend
 from .masks import AttentionContext, Causal, SlidingWindow
 from .position import apply_rotary
 from .scores import SoftCap
@@ -34,7 +34,7 @@ class MultiHeadLatentAttention(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, kv_lora_rank: int = 32,
-                 rope_head_dim: int | None = None, n_kv_heads: int | None = None, kernel: str = "sdpa",
+                 rope_head_dim: int | None = None, n_kv_heads: int | None = None, kernel: str = "auto",
                  window: int | None = None, pattern=None, bias: bool = False, softcap: float | None = None,
                  qk_norm: bool = False):
         super().__init__()
@@ -53,6 +53,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.n_heads, self.head_dim, self.rope_head_dim = n_heads, head_dim, rope_head_dim
         self.kv_lora_rank = kv_lora_rank
         self.n_kv_heads, self.kernel = n_heads, kernel  # every head's keys are distinct (what the cache holds is not)
+        self.ran = None
         self.q_proj = nn.Linear(d_model, n_heads * (head_dim + rope_head_dim), bias=bias)
         self.kv_down = nn.Linear(d_model, kv_lora_rank, bias=bias)  # W_dkv
         self.kv_norm = nn.RMSNorm(kv_lora_rank, eps=1e-6)
@@ -90,6 +91,5 @@ class MultiHeadLatentAttention(nn.Module):
             ctx = AttentionContext(T, Tkv, Tkv - T, device=x.device)
         # v is zero-padded to q's width so every kernel sees one head size; the padding is cut off after
         v = nn.functional.pad(v, (0, rd))
-        y = KERNELS[self.kernel](q, k, v, self.pattern, ctx, 1.0 / math.sqrt(hd + rd),
-                                 ctx.score_mods + self.score_mods)[..., :hd]
+        y = attend(self, q, k, v, ctx, 1.0 / math.sqrt(hd + rd))[..., :hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))

@@ -16,7 +16,7 @@ from .attention import Attention
 from .block import BLOCKS
 from .cache import KVCache
 from .ffn import GatedMLP
-from .masks import AttentionContext
+from .masks import AttentionContext, CacheSlotContext
 from .norm import DyT
 from .position import RoPE, positions_from_documents
 
@@ -169,13 +169,21 @@ class TransformerLM(nn.Module):
                        dtype=dtype or ref.dtype, device=device or ref.device, layout=self.cache_layout())
 
     # -- forward --------------------------------------------------------------------------------------
-    def forward(self, input_ids, position_ids=None, document_ids=None, cache: KVCache | None = None):
+    def forward(self, input_ids, position_ids=None, document_ids=None, cache: KVCache | None = None,
+                cache_slots=None, return_hidden: bool = False):
         """input_ids: (B, T) -> logits (B, T, vocab_size).
 
         document_ids (B, T): tokens attend only within their own document (packed rows, padding); when
         position_ids is None they restart at 0 at every document. With `cache`, the call continues the
         cached sequence: positions, masks and documents carry on from the cached tokens.
+        cache_slots (T,), a tensor, with `cache`, position_ids and document_ids: the fixed-shape call of
+        compiled decoding (runner/decode.py): the tokens are written at those slots and attend over the
+        whole preallocated cache under a mask, so every step has the same shapes; `cache.length` is unused.
+        return_hidden: the final hidden states (B, T, d_model), normed, instead of logits (a chunked loss
+        applies `lm_head` itself).
         """
+        if cache_slots is not None:
+            return self._forward_at_slots(input_ids, position_ids, document_ids, cache, cache_slots, return_hidden)
         B, T = input_ids.shape
         offset = cache.length if cache is not None else 0
         if cache is not None and document_ids is None and offset > 0:
@@ -196,11 +204,22 @@ class TransformerLM(nn.Module):
         x, rotary = self.position(x, position_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, rotary, ctx, cache.layer(i) if cache is not None else None)
-        logits = self.lm_head(self.norm(x))
+        x = self.norm(x)
         if cache is not None:
             docs = document_ids if document_ids is not None else torch.zeros_like(input_ids)
             cache.advance(docs, position_ids)
-        return logits
+        return x if return_hidden else self.lm_head(x)
+
+    def _forward_at_slots(self, input_ids, position_ids, document_ids, cache, slots, return_hidden):
+        if cache is None or position_ids is None or document_ids is None:
+            raise ValueError("a call with cache_slots needs cache, position_ids and document_ids")
+        cache.record_at(slots, document_ids, position_ids)  # before the layers: the new tokens see each other
+        ctx = CacheSlotContext(slots, document_ids, cache.document_ids, score_mods=self.score_mods)
+        x, rotary = self.position(self.embed(input_ids), position_ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rotary, ctx, cache.layer(i, slots))
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
 
     def loss(self, input_ids, labels, position_ids=None, document_ids=None):
         """Mean cross-entropy over targets != -100 (masked document boundaries and padding)."""

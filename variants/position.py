@@ -42,7 +42,8 @@ class LearnedPosition(nn.Module):
         self.embedding = nn.Embedding(max_seq_len, d_model)
 
     def forward(self, x, position_ids):
-        if position_ids.max() >= self.max_seq_len:  # an index error deep in the kernel is hard to read
+        # an index error deep in the kernel is hard to read (not checked inside a compiled graph: a host sync)
+        if not torch.compiler.is_compiling() and position_ids.max() >= self.max_seq_len:
             raise ValueError(f"position {int(position_ids.max())} >= max_seq_len={self.max_seq_len}")
         return x + self.embedding(position_ids), None
 
@@ -61,7 +62,7 @@ class SinusoidalPosition(nn.Module):
         self.register_buffer("table", table, persistent=False)  # (max_seq_len, d_model)
 
     def forward(self, x, position_ids):
-        if position_ids.max() >= self.max_seq_len:
+        if not torch.compiler.is_compiling() and position_ids.max() >= self.max_seq_len:
             raise ValueError(f"position {int(position_ids.max())} >= max_seq_len={self.max_seq_len}")
         return x + self.table[position_ids].to(x.dtype), None
 
@@ -169,8 +170,9 @@ class RoPE(nn.Module):
 
     def forward(self, x, position_ids):
         inv_freq = self.inv_freq
-        if self._per_call and int(position_ids.max()) + 1 > self.scaling.original_max_position_embeddings:
-            inv_freq = self.long_inv_freq
+        if self._per_call:  # chosen on the device (no host sync; one graph for both factors when compiled)
+            is_long = position_ids.max() + 1 > self.scaling.original_max_position_embeddings
+            inv_freq = torch.where(is_long, self.long_inv_freq, self.inv_freq)
         freqs = position_ids[..., None].float() * inv_freq.float()  # (B, T, rotary_dim/2)
         emb = torch.cat([freqs, freqs], dim=-1)
         cos, sin = emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
