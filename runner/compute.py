@@ -29,14 +29,91 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def resolve_compile(setting, device) -> bool:
+    """train.compile, generate.compile, bench.compile: true, false or auto = on CUDA only. There compiled
+    graphs (and for decoding, CUDA graphs) remove per-op launch overhead; on CPU the compile time (tens of
+    seconds per shape) outweighs what a short run or a small model gains."""
+    setting = str(setting if setting is not None else "auto").lower()
+    if setting not in ("auto", "true", "false"):
+        raise ValueError(f"compile={setting!r} must be auto, true or false")
+    return setting == "true" or (setting == "auto" and torch.device(device).type == "cuda")
+
+
 def next_token_loss(model, input_ids, labels, position_ids=None, document_ids=None, reduction: str = "mean",
                     dtype: torch.dtype | None = None):
     """Cross-entropy of the model's next-token logits against `labels` (B, T), skipping IGNORE targets.
     reduction: "mean" over real targets (training) or "sum" (evaluation adds up over batches and ranks).
-    The logits are upcast to float32 for the softmax: bf16 logits lose the small probabilities."""
+    The logits are float32 for the softmax (bf16 logits lose the small probabilities), a chunk of rows at a
+    time (chunked_cross_entropy) when the model hands out its hidden states and a plain LM head."""
+    head = _plain_head(model)
     with autocast(input_ids.device, dtype):
-        logits = model(input_ids, position_ids=position_ids, document_ids=document_ids)
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction=reduction)
+        out = model(input_ids, position_ids=position_ids, document_ids=document_ids,
+                    **({"return_hidden": True} if head is not None else {}))
+        if head is not None:
+            return chunked_cross_entropy(out.flatten(0, 1), head, labels.flatten(), reduction)
+    return F.cross_entropy(out.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction=reduction)
+
+
+def _plain_head(model):
+    """The LM head's weight (V, d) when the model (under DDP / torch.compile wrappers) is a TransformerLM
+    with a bias-free head whose weight is an ordinary tensor (not an FSDP shard); else None."""
+    from variants import TransformerLM
+
+    inner = getattr(model, "_orig_mod", model)
+    inner = getattr(inner, "module", inner)  # DDP
+    inner = getattr(inner, "_orig_mod", inner)
+    if not isinstance(inner, TransformerLM) or inner.lm_head.bias is not None:
+        return None
+    weight = inner.lm_head.weight
+    return None if hasattr(weight, "full_tensor") else weight
+
+
+CHUNK_BYTES = 32 * 2 ** 20  # float32 logits held at once by chunked_cross_entropy
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """LM head + cross-entropy a chunk of rows at a time, the gradients computed in the same pass (as
+    Liger's fused linear cross-entropy does): what is saved for backward is d(hidden) and d(weight), never
+    the (N, V) logits. hidden (N, d), weight (V, d), labels (N,) -> the summed loss over real targets."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk: int):
+        needs_grad = hidden.requires_grad or weight.requires_grad
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start:start + chunk], labels[start:start + chunk]
+            logits = (h @ weight.t().to(h.dtype)).float()  # (c, V), the only logits alive
+            valid = y != IGNORE
+            target = y.clamp(min=0)
+            lse = logits.logsumexp(dim=-1)
+            total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+            if needs_grad:  # d loss / d logits = softmax - one_hot(target), zero for ignored rows
+                probs = (logits - lse[:, None]).exp_()
+                probs[torch.arange(len(y), device=y.device), target] -= 1
+                probs *= valid[:, None]
+                grad_hidden[start:start + chunk] = (probs.to(h.dtype) @ weight.to(h.dtype)).to(hidden.dtype)
+                grad_weight += probs.t() @ h.float()
+        if needs_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total.to(grad_weight.dtype), None, None
+
+
+def chunked_cross_entropy(hidden, weight, labels, reduction: str = "mean", chunk: int | None = None):
+    """F.cross_entropy(hidden @ weight.T, labels, ignore_index=IGNORE) with float32 logits, computed
+    `chunk` rows at a time (default: CHUNK_BYTES of logits) so the whole batch's never exist at once."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r} must be mean or sum")
+    chunk = chunk or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    total = _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk)
+    # mean over real targets; 0/0 = nan with no targets, as F.cross_entropy gives
+    return total / (labels != IGNORE).sum() if reduction == "mean" else total
 
 
 def batch_loss(model, batch: dict, reduction: str = "mean", dtype: torch.dtype | None = None):

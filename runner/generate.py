@@ -19,6 +19,7 @@ from functools import partial
 import torch
 
 from runner.build import build_model, check_model_config, record_model, resolve_device
+from runner.decode import Decoder, resolve_compile
 from runner.task import config_checks, task_run
 
 PAD_DOCUMENT, PROMPT_DOCUMENT = -1, 0
@@ -47,7 +48,7 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None, top_
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, eos_token_id=None, use_cache: bool = True,
-             pad_token_id: int = 0, on_token=None) -> list[list[int]]:
+             pad_token_id: int = 0, on_token=None, compile: bool = False) -> list[list[int]]:
     """Continue each prompt (a list of token ids, or a list of them) by up to `max_new_tokens` tokens.
 
     Returns each row's new tokens, ending with the first end-of-text token (eos_token_id: an id or a list)
@@ -55,6 +56,8 @@ def generate(model, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
     every step runs the whole sequence again (the reference the cache must match).
     on_token(step, tokens (B,), finished (B,)) is called for every step as it arrives; `finished` marks
     rows that had ended before this step.
+    compile=True (with the cache): the fixed-shape, torch.compile'd prefill and step of runner/decode.py;
+    the same tokens as the eager loop (the reference), faster once compiled.
     """
     if prompts and isinstance(prompts[0], int):
         prompts = [prompts]
@@ -74,11 +77,12 @@ def generate(model, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
     if seed is not None and temperature and temperature > 0:
         generator = torch.Generator(device=device).manual_seed(int(seed))
 
-    cache = model.allocate_cache(B, P + max_new_tokens) if use_cache else None
+    decoder = Decoder(model, B, P + max_new_tokens, compile=True) if compile and use_cache else None
+    cache = model.allocate_cache(B, P + max_new_tokens) if use_cache and decoder is None else None
     switch = model.reencode_at  # e.g. LongRoPE past its original context: cached keys go stale there
     longest = max(len(p) for p in prompts)  # the largest position + 1 in this call decides LongRoPE's factors
     long_mode = switch is not None and longest > switch
-    logits = model(ids, document_ids=docs, cache=cache)[:, -1]  # (B, V)
+    logits = decoder.prefill(ids, docs) if decoder else model(ids, document_ids=docs, cache=cache)[:, -1]  # (B, V)
     new, finished = [], torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -86,12 +90,15 @@ def generate(model, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
         if on_token is not None:
             on_token(step, token, finished.clone())
         finished |= torch.isin(token, eos)
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or (eos.numel() and bool(finished.all())):  # no host sync without eos
             break
         ids = torch.cat([ids, token[:, None]], dim=1)
         docs = torch.cat([docs, torch.full((B, 1), PROMPT_DOCUMENT, dtype=torch.long, device=device)], dim=1)
         crossing = switch is not None and not long_mode and longest + step + 1 > switch
-        if cache is None or crossing:
+        if decoder is not None:  # re-encoding is one more prefill (compiled for its length); the step stays
+            long_mode = long_mode or crossing
+            logits = decoder.prefill(ids, docs) if crossing else decoder.step(token)
+        elif cache is None or crossing:
             if cache is not None:  # the position encoding changed (LongRoPE's long factors): re-encode once
                 cache.reset()
                 long_mode = True
@@ -257,7 +264,7 @@ def _generate(cfg, run) -> dict:
     started = time.perf_counter()
     out = generate(model, prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
                    top_p=g.top_p, seed=g.seed, eos_token_id=tok.eos_ids, use_cache=g.use_cache,
-                   on_token=stream if streaming else None)
+                   on_token=stream if streaming else None, compile=resolve_compile(g.get("compile"), device))
     seconds = time.perf_counter() - started
     completions = [continuation(tok, p, row) for p, row in zip(prompts, out)]
     if streaming:

@@ -25,7 +25,7 @@ from runner.sweep import finished_record
 from runner.build import build_model, check_model_config, record_model
 from runner.checkpoint import (RESUME_KEYS, latest_checkpoint, load_latest_readable, rng_state, save_checkpoint,
                                set_rng_state)
-from runner.compute import autocast_dtype, aux_loss, batch_loss
+from runner.compute import resolve_compile, autocast_dtype, aux_loss, batch_loss
 from runner.evaluate import evaluate, require_checkpoint_tokenizer
 from runner.task import Interrupted, StopSignal, config_checks, task_run
 from runner.formatting import format_bytes
@@ -70,6 +70,7 @@ def check_train_config(cfg: DictConfig):
                          f"WORLD_SIZE={world_size} x train.grad_accum={t.grad_accum}")
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    resolve_compile(t.compile, "cpu")  # train.compile: auto | true | false, checked before any work
     require_checkpoint_tokenizer(cfg)
 
 
@@ -134,7 +135,10 @@ class Trainer:
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
         results.update(flops_per_token=self.flops_per_token)
         self.model = distributed.wrap(model, dist)  # DDP or FSDP2 under torchrun; the model itself otherwise
-        self.forward_model = torch.compile(self.model) if t.compile else self.model
+        if t.get("activation_checkpointing"):
+            checkpoint_blocks(model)
+        self.compiled = resolve_compile(t.compile, device)  # auto: on CUDA
+        self.forward_model = torch.compile(self.model) if self.compiled else self.model
         self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
                                            fused=device.type == "cuda")
         # the budget in steps (tokens and FLOPs buy a whole number of them); None: train.max_seconds, the clock
@@ -156,6 +160,9 @@ class Trainer:
         self.step, self.curves = 0, {"train": [], "val": []}
         # the steps since the last logged train point: checkpointed, so a resumed curve averages the same steps
         self.window = {"time": 0.0, "loss": 0.0, "steps": 0}
+        # (step, loss, aux loss or None), on the device, not yet read: read at log steps and checkpoints, so
+        # the host never waits for the device inside a step
+        self.pending_losses = []
 
     # -- resume ---------------------------------------------------------------------------------------------
     def resume(self):
@@ -209,11 +216,11 @@ class Trainer:
                     raise Interrupted(f"{stop.received or 'a signal to another rank'} at step {self.step}: checkpoint "
                                       f"{path}; resume with: {resume_command(self.out_dir)}", stop)
                 started = time.perf_counter()
-                step_loss, grad_norm, stop_seen = self.optimizer_step(stop)
-                self.step += 1
+                step_loss, aux, grad_norm, stop_seen = self.optimizer_step(stop)
+                self.step += 1  # the loss of step `self.step` (1-based), as a non-finite loss's error names it
                 self.train_seconds += time.perf_counter() - started
                 self.window["time"] += time.perf_counter() - started
-                self.window["loss"] += step_loss
+                self.pending_losses.append((self.step, step_loss, aux))
                 self.window["steps"] += 1
                 self.between_steps(grad_norm, bar)
                 bar.update(1)
@@ -226,9 +233,10 @@ class Trainer:
             return self.step >= self.max_steps
         return distributed.broadcast(self.train_seconds >= self.t.max_seconds, self.dist)
 
-    def optimizer_step(self, stop: StopSignal) -> tuple[float, torch.Tensor, bool]:
-        """One optimizer step over grad_accum micro-batches. Returns (the step's mean loss, the gradient norm
-        before clipping, whether any rank has been signalled to stop)."""
+    def optimizer_step(self, stop: StopSignal) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, bool]:
+        """One optimizer step over grad_accum micro-batches. Returns (the step's mean loss and auxiliary loss,
+        on the device: they are read at log steps; the gradient norm before clipping; whether any rank has been
+        signalled to stop)."""
         t, dist, device = self.t, self.dist, self.device
         loss_sum, aux_sum = torch.zeros((), device=device), None
         for a, loader in enumerate(self.loaders):
@@ -240,26 +248,41 @@ class Trainer:
             loss_sum += loss.detach()
             if aux is not None:
                 aux_sum = aux.detach() + (0 if aux_sum is None else aux_sum)
-        if aux_sum is not None:
-            self.window["aux_loss"] = self.window.get("aux_loss", 0.0) + aux_sum.item() / t.grad_accum
         stop_seen = stop.received is not None
         if dist.enabled:  # the mean loss over all ranks' micro-batches, and whether any rank was signalled
             reduced = distributed.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(stop_seen), device=device)]),
                                                  dist)
             loss_sum, stop_seen = reduced[0] / dist.world_size, bool(reduced[1] > 0)
-        step_loss = (loss_sum / t.grad_accum).item()
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"non-finite training loss ({step_loss}) at step {self.step + 1}; "
-                                     f"lower train.lr or check the data")
+        step_loss = loss_sum / t.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return step_loss, grad_norm, stop_seen
+        return step_loss, None if aux_sum is None else aux_sum / t.grad_accum, grad_norm, stop_seen
+
+    def read_losses(self):
+        """Read the pending steps' losses from the device (one transfer) into the window. A non-finite loss
+        stops the run naming its step and the window read: the steps after it ran on non-finite weights and
+        are not saved (a checkpoint reads first)."""
+        if not self.pending_losses:
+            return
+        started = time.perf_counter()
+        steps = [s for s, _, _ in self.pending_losses]
+        values = torch.stack([loss for _, loss, _ in self.pending_losses]).tolist()
+        auxes = [aux for _, _, aux in self.pending_losses if aux is not None]
+        self.pending_losses = []
+        waited = time.perf_counter() - started  # the device finishing the window's steps: training time
+        self.window["time"] += waited
+        self.train_seconds += waited
+        for step, value in zip(steps, values):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"non-finite training loss ({value}) at step {step} (read at step "
+                                         f"{steps[-1]}, window {steps[0]}-{steps[-1]}); lower train.lr or check the data")
+        self.window["loss"] += sum(values)
+        if auxes:
+            self.window["aux_loss"] = self.window.get("aux_loss", 0.0) + float(torch.stack(auxes).sum())
 
     def between_steps(self, grad_norm, bar):
         """Log the window, evaluate and checkpoint at their intervals."""
@@ -273,6 +296,7 @@ class Trainer:
             self.checkpoint()
 
     def log_train_point(self, grad_norm, bar):
+        self.read_losses()  # waits for the device: the window's last steps end here
         w = self.window
         tok_s = self.tokens_per_step * w["steps"] / max(w["time"], 1e-9)
         point = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": w["loss"] / w["steps"],
@@ -306,6 +330,7 @@ class Trainer:
         return metrics
 
     def checkpoint(self):
+        self.read_losses()  # a non-finite loss stops the run before its weights are saved
         model_state, optimizer_state = distributed.full_state_dicts(self.model, self.optimizer)  # every rank
         if not self.dist.is_main:
             return None
@@ -333,7 +358,23 @@ class Trainer:
             **spent(self.step, self.tokens_per_step, self.flops_per_token, self.train_seconds),
             "mfu": (throughput * self.flops_per_token / self.peak_flops) if self.peak_flops and throughput else None,
         }
-        self.results.update(metrics=metrics, curves=self.curves, **machine_load())  # the load while it trained
+        # what each layer's attention ran (model.attention.kernel=auto decides per call; the final evaluation's
+        # forward is uncompiled and sees the same packed rows as training)
+        kernels = [getattr(m, "ran", None) or getattr(m, "kernel", None)
+                   for m in distributed.unwrap(self.model).attention_modules()]
+        self.results.update(metrics=metrics, curves=self.curves, attention_kernels=kernels,
+                            **machine_load())  # the load while it trained
+
+
+def checkpoint_blocks(model: nn.Module):
+    """train.activation_checkpointing: each block's activations are recomputed in the backward pass instead
+    of kept (torch.utils.checkpoint, non-reentrant): memory per layer drops to its input, for ~1/3 more
+    compute. The blocks' forward is wrapped in place, so parameter names and checkpoints are unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        forward = block.forward
+        block.forward = lambda *args, _forward=forward: checkpoint(_forward, *args, use_reentrant=False)
 
 
 def benchmark_trained_model(trainer: Trainer):

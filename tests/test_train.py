@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -160,6 +161,48 @@ def test_non_finite_loss_stops_the_run_and_names_the_step(tmp_path, cache_dir, m
     r = results(tmp_path / "run")
     assert r["status"] == "failed"
     assert r["error"]["type"] == "FloatingPointError" and "at step 2" in r["error"]["message"]
+
+
+def test_a_training_step_never_reads_the_device_from_python(tmp_path, cache_dir, monkeypatch):
+    """No host synchronisation inside a step: while Trainer.optimizer_step runs (MoE's auxiliary loss
+    included), no code of ours calls .item(), .tolist(), float(), int() or bool() on a tensor; the losses are
+    read at log steps (train.log_every=3 here) and still reach the curve, every step counted once."""
+    import runner.train as train_module
+    from conftest import compose
+
+    ours = (str(ROOT / "runner"), str(ROOT / "variants"))
+    inside, reads = [False], []
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args):
+            caller = sys._getframe(1).f_code.co_filename
+            if inside[0] and caller.startswith(ours):
+                reads.append(f"{name} at {caller}:{sys._getframe(1).f_lineno}")
+            return real(self, *args)
+        return read
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    real_step = train_module.Trainer.optimizer_step
+
+    def step(self, stop):
+        inside[0] = True
+        try:
+            return real_step(self, stop)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(train_module.Trainer, "optimizer_step", step)
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    train_module.main(compose([*TINY, "train.log_every=3", "model/ffn=moe", f"cache_dir={cache_dir}"]))
+    assert reads == []
+    r = results(tmp_path / "run")
+    curve = r["curves"]["train"]
+    assert [p["step"] for p in curve] == [3, 6] and all(math.isfinite(p["loss"]) for p in curve)
+    assert all(math.isfinite(p["aux_loss"]) for p in curve)
 
 
 def test_bad_config_writes_a_failed_result_before_reading_data(tmp_path, cache_dir):

@@ -1,0 +1,87 @@
+"""Compiled decoding in the style of gpt-fast: a static KV cache attended at a fixed shape, the prompt
+(prefill) and the one-token step compiled separately, the step with CUDA graphs on CUDA.
+
+    decoder = Decoder(model, batch_size, max_len, compile=True)
+    logits = decoder.prefill(ids, document_ids)   # (B, V): the prompt's last column
+    logits = decoder.step(token)                  # (B, V): one new token per row, same shapes every call
+
+Every step calls the model with the same tensor shapes: the cache slot, the positions and the document
+ids arrive as tensors (advanced in place on the device), and attention covers the whole preallocated
+cache with a mask (variants.masks.CacheSlotContext), so the compiled step is traced once and replayed;
+no Python integer that changes per token reaches the graph. Speed comes from removing Python from the
+token loop: on CUDA the step becomes one CUDA graph (mode="reduce-overhead").
+
+The eager token loop of runner/generate.py (the cache sliced to its current length) stays the reference
+this path is tested against.
+"""
+import torch
+
+from runner.compute import resolve_compile  # noqa: F401 -- generate.compile / bench.compile
+
+_COMPILED: dict = {}  # (which, mode) -> the torch.compile'd call, shared by every Decoder of the process
+
+
+def _call(model, cache, ids, slots, positions, docs):
+    return model(ids, position_ids=positions, document_ids=docs, cache=cache, cache_slots=slots)[:, -1]  # (B, V)
+
+
+def _compiled(which: str, device_type: str):
+    """The prefill (default mode: its shape follows the prompt) or the step (CUDA graphs on CUDA)."""
+    mode = "reduce-overhead" if which == "step" and device_type == "cuda" else None
+    key = (which, mode)
+    if key not in _COMPILED:
+        # One traced graph per model architecture, batch size and cache length: a process that decodes
+        # many variants (a sweep's benchmarks, the tests) would pass dynamo's default of 8 per function.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _COMPILED[key] = torch.compile(_call, mode=mode, fullgraph=which == "step")
+    return _COMPILED[key]
+
+
+class Decoder:
+    """A model and its static cache for `batch_size` rows of up to `max_len` tokens (prompt + new)."""
+
+    def __init__(self, model, batch_size: int, max_len: int, dtype=None, device=None, compile: bool = False):
+        self.model, self.compile = model, compile
+        self.cache = model.allocate_cache(batch_size, max_len, dtype, device)
+        self.device = self.cache.device
+        if compile and self.device.type == "cuda":
+            self.cache.mark_static()
+        self.length = 0  # Python's own count, for bounds checks only; the graph reads `slot`
+        self.slot = torch.zeros(1, dtype=torch.long, device=self.device)  # (1,) the next write slot
+        self.positions = self.documents = None  # (B, 1): the next token's position and document
+
+    def _run(self, which: str, ids, slots, positions, docs):
+        fn = _compiled(which, self.device.type) if self.compile else _call
+        if self.compile and which == "step" and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been read
+        return fn(self.model, self.cache, ids, slots, positions, docs)
+
+    def prefill(self, ids, document_ids=None, position_ids=None):
+        """Encode ids (B, P) from an empty cache; returns the last column's logits (B, V). Positions
+        restart at every document (document_ids; default: one document per row), as model.forward does."""
+        from variants.position import positions_from_documents
+
+        B, P = ids.shape
+        if P > self.cache.max_len:
+            raise ValueError(f"the prompt has {P} tokens; the decoder's cache holds {self.cache.max_len}")
+        docs = torch.zeros_like(ids) if document_ids is None else document_ids
+        positions = positions_from_documents(docs) if position_ids is None else position_ids
+        self.cache.reset()
+        slots = torch.arange(P, device=self.device)
+        logits = self._run("prefill", ids, slots, positions, docs)
+        self.length = P
+        self.slot.fill_(P)
+        self.positions, self.documents = positions[:, -1:] + 1, docs[:, -1:].clone()  # continue the last document
+        return logits
+
+    def step(self, token):
+        """One token per row, token (B,) or (B, 1), at the next slot; returns its logits (B, V)."""
+        if self.positions is None:
+            raise RuntimeError("Decoder.step before prefill")
+        if self.length >= self.cache.max_len:
+            raise ValueError(f"KV cache holds {self.cache.max_len} tokens; this step needs {self.length + 1}")
+        logits = self._run("step", token.reshape(-1, 1), self.slot, self.positions, self.documents)
+        self.slot += 1  # in place, on the device: the next call sees the same tensors
+        self.positions += 1
+        self.length += 1
+        return logits

@@ -1,0 +1,61 @@
+"""The memory-lean loss against plain F.cross_entropy (values and gradients), and activation
+checkpointing against the plain backward pass."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model
+from runner.compute import IGNORE, chunked_cross_entropy, next_token_loss, resolve_compile
+from runner.train import checkpoint_blocks
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_cross_entropy_equals_the_plain_one(reduction, chunk):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    labels[::5] = IGNORE
+    ours = chunked_cross_entropy(hidden, weight, labels, reduction, chunk=chunk)
+    plain = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=IGNORE, reduction=reduction)
+    torch.testing.assert_close(ours, plain)
+    for a, b in zip(torch.autograd.grad(ours * 1.7, (hidden, weight)), torch.autograd.grad(plain * 1.7, (hidden, weight))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_next_token_loss_and_gradients_equal_the_logits_loss(tie_embeddings):
+    """Through the model (hidden states + its head, tied or not) against F.cross_entropy on its logits."""
+    model = tiny_model(n_kv_heads=2, tie_embeddings=tie_embeddings).train()
+    ids = torch.randint(0, 61, (3, 20), generator=torch.Generator().manual_seed(1))
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = IGNORE
+    loss = next_token_loss(model, ids, labels)
+    ours = torch.autograd.grad(loss, list(model.parameters()))
+    logits = model(ids)
+    plain = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    torch.testing.assert_close(loss, plain)
+    for a, b in zip(ours, torch.autograd.grad(plain, list(model.parameters()))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for checkpointed in (False, True):
+        model = tiny_model(n_kv_heads=2).train()
+        if checkpointed:
+            checkpoint_blocks(model)
+        next_token_loss(model, ids[:, :-1], ids[:, 1:]).backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert list(tiny_model().state_dict()) == list(model.state_dict())  # parameter names unchanged
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_auto_is_on_under_cuda_only():
+    assert resolve_compile("auto", "cpu") is False and resolve_compile("auto", "cuda") is True
+    assert resolve_compile(True, "cpu") is True and resolve_compile("false", "cuda") is False
+    with pytest.raises(ValueError, match="compile"):
+        resolve_compile("sometimes", "cpu")
