@@ -24,9 +24,12 @@ FIELDS = ["train_tokens_per_s", "mfu", "prefill_tokens_per_s", "decode_tokens_pe
           "kv_cache_matches_analytic", "peak_memory_bytes", "peak_memory", "memory_kind", "device", "dtype", "torch",
           "flops_per_token", "peak_flops", "weight_bytes", "decode_fraction_of_bandwidth_bound",
           "decode_bandwidth_bound_tokens_per_s", "val_ppl", "val_loss", "val_tokens", "train", "prefill", "decode",
-          "kernels", "reference"]
+          "kernels", "reference", "compile", "decode_tokens_per_s_compiled", "compile_speedup",
+          "decode_bandwidth_utilization"]
 REFERENCE_FIELDS = ["forward_time_ratio", "prefill_speed_ratio", "decode_speed_ratio", "peak_memory_ratio",
                     "max_logit_diff", "logits_agree", "greedy_match_fraction"]
+# null where bench.compile is off (the default on CPU), with a reason
+COMPILED_REFERENCE_FIELDS = ["decode_speed_ratio_static", "decode_speed_ratio_eager", "decode_ours"]
 # Small enough that a whole suite takes a second or two on a laptop CPU.
 SMALL = {"warmup": 1, "repeats": 2, "new_tokens": 8,
          "cpu": {"prompt_lengths": [8, 16], "decode_prompt_length": 8, "batch_sizes": [1, 2],
@@ -142,7 +145,7 @@ def test_device_peaks_are_null_on_cpu():
 
 def test_every_field_is_documented():
     doc = (ROOT / "runner" / "bench" / "BENCH.md").read_text()
-    for key in FIELDS + REFERENCE_FIELDS:
+    for key in FIELDS + REFERENCE_FIELDS + COMPILED_REFERENCE_FIELDS:
         assert f"`{key}`" in doc, key
 
 
@@ -236,6 +239,27 @@ def test_reference_comparison_against_transformers_phi3(dtype):
     if dtype == "float32":
         assert ref["max_logit_diff"] < 1e-4
     assert ref["attn_implementation"] == "sdpa" and ref["new_tokens"] == 8
+    assert ref["decode_ours"] == "eager" and ref["decode_speed_ratio"] == ref["decode_speed_ratio_eager"]
+    assert ref["decode_speed_ratio_static"] is None and "bench.compile" in ref["decode_speed_ratio_static_reason"]
+
+
+def test_compile_speedup_and_bandwidth_utilization_from_the_points(monkeypatch):
+    """The headline figures from hand-made points: compiled / eager at batch 1, and bytes read per step
+    (weights + each row's cache so far) x steps/s over a data-sheet bandwidth; null with a reason without one."""
+    model = tiny_model(n_kv_heads=2)  # KV cache: 2 x 2 layers x 2 heads x 8 x 4 bytes = 256 bytes/token
+    point = dict(status="ok", prompt_length=8, new_tokens=8, cache=True, peak_memory_bytes=1)
+    bench = {"train": [], "prefill": [], "kernels": [], "weight_bytes": 10_000, "dtype": "float32",
+             "decode": [{**point, "batch_size": 1, "compiled": False, "tokens_per_s": 100.0},
+                        {**point, "batch_size": 2, "compiled": False, "tokens_per_s": 150.0},
+                        {**point, "batch_size": 1, "compiled": True, "tokens_per_s": 250.0}]}
+    bench_module.summarize_suite(bench, model, 32, "cpu")
+    assert bench["decode_tokens_per_s_compiled"] == 250.0 and bench["compile_speedup"] == 2.5
+    assert bench["decode_bandwidth_utilization"] is None and "cpu" in bench["decode_bandwidth_utilization_reason"]
+    monkeypatch.setattr(bench_module, "datasheet_bandwidth", lambda device: 1e7)
+    bench_module.summarize_suite(bench, model, 32, "cpu")
+    step_bytes = 10_000 + 1 * (8 + 4) * 256  # weights + one row's cache, 12 tokens on average
+    assert bench["decode_bandwidth_utilization"] == pytest.approx(step_bytes * 250.0 / 1e7)
+    assert bench["decode"][1]["bandwidth_utilization"] == pytest.approx((10_000 + 2 * 12 * 256) * 75.0 / 1e7)
 
 
 def test_reference_is_skipped_for_other_presets_unless_asked():

@@ -24,6 +24,8 @@ KNOWN_GPUS = (
     (r"\bA10\b", 125e12, 600e9),           # not the A10G (different clocks): that one is measured
     (r"\bL40S\b", 362e12, 864e9),
     (r"\bL4\b", 121e12, 300e9),
+    (r"\bT4\b", 65e12, 320e9),           # no bf16: its fp16 tensor-core peak
+    (r"B200", 2.25e15, 8.0e12),
     (r"RTX 4090", 165.2e12, 1008e9),
     (r"RTX 3090", 71e12, 936e9),
 )
@@ -55,6 +57,23 @@ def device_memory_bandwidth(device) -> float | None:
         return None
     known = _known(device)
     return known[1] if known else measured_copy_bandwidth(device)
+
+
+def datasheet_bandwidth(device) -> float | None:
+    """Data-sheet memory bytes/s of a known CUDA device; None elsewhere (see datasheet_reason)."""
+    device = torch.device(device)
+    known = _known(device) if device.type == "cuda" else None
+    return known[1] if known else None
+
+
+def datasheet_reason(device) -> str | None:
+    """Why a figure against the data-sheet bandwidth is null (None when there is one)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"no memory-bandwidth table for {device.type}"
+    if _known(device) is None:
+        return f"{torch.cuda.get_device_name(device)!r} is not in runner/bench/flops.py's KNOWN_GPUS"
+    return None
 
 
 def peak_source(device) -> str | None:

@@ -8,9 +8,10 @@ matches ours (eager, sdpa or flex_attention).
 import torch
 
 from runner.bench.timing import PeakMemory, throughput
+from runner.decode import Decoder
 
 PHI3_TARGET = "runner.build.build_phi3"  # the _target_ of conf/model/phi3*.yaml
-HF_ATTENTION = {"eager": "eager", "sdpa": "sdpa", "flex": "flex_attention"}
+HF_ATTENTION = {"eager": "eager", "sdpa": "sdpa", "flex": "flex_attention", "auto": "sdpa"}
 # (atol, rtol) for `logits_agree`: max |ours - theirs| <= atol + rtol x max |their logit|. Half precision
 # rounds each of the two models' matmuls and norms differently, so it gets a few units in the last place.
 LOGIT_TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (1e-2, 2e-2), torch.float16: (2e-3, 5e-3)}
@@ -38,8 +39,11 @@ def build_reference(model, dtype, device):
     return hf.to_hf_model(model, dtype=dtype, device=device, attn_implementation=HF_ATTENTION[kernel]).eval()
 
 
-def reference_comparison(model, dtype, device, prompt_length: int, new_tokens: int, timer) -> dict:
-    """max_logit_diff, and the ratios of forward time, prefill and decode tokens/s and peak memory."""
+def reference_comparison(model, dtype, device, prompt_length: int, new_tokens: int, timer,
+                         compiled: bool = False) -> dict:
+    """max_logit_diff, and the ratios of forward time, prefill and decode tokens/s and peak memory.
+    compiled: our decode also runs compiled (runner/decode.py), the faster of the two is `decode_speed_ratio`'s,
+    and transformers' static cache with its compiled forward is measured too (`decode_speed_ratio_static`)."""
     theirs = build_reference(model, dtype, device)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.vocab_size, (1, prompt_length), generator=gen).to(device)  # (1, P)
@@ -89,22 +93,71 @@ def reference_comparison(model, dtype, device, prompt_length: int, new_tokens: i
                 generated.append(token)
             tokens["theirs"] = generated
 
+        decoder = Decoder(model, 1, prompt_length + new_tokens, dtype, device, compile=True) if compiled else None
+
+        def compiled_setup():
+            state["next_compiled"] = decoder.prefill(prompt).argmax(-1)  # (1,)
+
+        def compiled_decode():
+            token = state["next_compiled"]
+            for _ in range(new_tokens):
+                token = decoder.step(token).argmax(-1)
+
+        runs = [("ours", ours_setup, ours_decode), ("theirs", theirs_setup, theirs_decode)]
+        runs += [("ours_compiled", compiled_setup, compiled_decode)] if compiled else []
         decode, memory = {}, {}
-        for name, setup, run in (("ours", ours_setup, ours_decode), ("theirs", theirs_setup, theirs_decode)):
+        for name, setup, run in runs:
             with PeakMemory(device) as mem:
                 decode[name] = timer(run, setup=setup)
             # The block's own memory (cache, activations) plus the model's weights: the other model,
             # resident at the same time, is not counted.
-            memory[name] = (mem.delta or 0) + weights[name]
+            memory[name] = (mem.delta or 0) + weights[name.removesuffix("_compiled")]
         out["greedy_match_fraction"] = (
             sum(int(a.item() == b.item()) for a, b in zip(tokens["ours"], tokens["theirs"])) / max(1, new_tokens))
 
     out["forward_time_ratio"] = forward["ours"]["median_s"] / forward["theirs"]["median_s"]
     out["prefill_speed_ratio"] = prefill["theirs"]["median_s"] / prefill["ours"]["median_s"]
-    out["decode_speed_ratio"] = decode["theirs"]["median_s"] / decode["ours"]["median_s"]
+    ours = min(("ours", "ours_compiled") if compiled else ("ours",), key=lambda k: decode[k]["median_s"])
+    out["decode_ours"] = "compiled" if ours == "ours_compiled" else "eager"
+    out["decode_speed_ratio"] = decode["theirs"]["median_s"] / decode[ours]["median_s"]
+    out["decode_speed_ratio_eager"] = decode["theirs"]["median_s"] / decode["ours"]["median_s"]
+    out.update(static_comparison(model, theirs, decoder, prompt, new_tokens, timer))
+    memory.pop("ours_compiled", None)
     out["peak_memory_ratio"] = memory["ours"] / memory["theirs"] if memory["theirs"] else None
     out["peak_memory_bytes"] = memory
     out["forward_s"] = {k: v["median_s"] for k, v in forward.items()}
     out["prefill_tokens_per_s"] = {k: throughput(v, prompt_length)["tokens_per_s"] for k, v in prefill.items()}
     out["decode_tokens_per_s"] = {k: throughput(v, new_tokens)["tokens_per_s"] for k, v in decode.items()}
     return out
+
+
+def static_comparison(model, theirs, decoder, prompt, new_tokens: int, timer) -> dict:
+    """Our compiled decoder against transformers' `generate(cache_implementation="static")` with its
+    forward compiled (its CompileConfig: CUDA graphs on CUDA; forced on other devices too), both timed for
+    the whole call, prefill + new_tokens greedy tokens, as `generate` is one call. Needs bench.compile on."""
+    if decoder is None:
+        return {"decode_speed_ratio_static": None, "decode_speed_ratio_static_reason":
+                "bench.compile is off (auto compiles on CUDA only; bench.compile=true measures it here)"}
+    try:
+        from transformers import CompileConfig
+        mode = "reduce-overhead" if prompt.device.type == "cuda" else "default"
+        config = CompileConfig(mode=mode)
+        config._compile_all_devices = True  # transformers compiles on its accelerators only unless told
+        kwargs = dict(attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=new_tokens,
+                      min_new_tokens=new_tokens, cache_implementation="static", compile_config=config,
+                      pad_token_id=0, eos_token_id=None)
+        with torch.inference_mode():
+            their_time = timer(lambda: theirs.generate(prompt, **kwargs))
+
+            def ours():
+                token = decoder.prefill(prompt).argmax(-1)
+                for _ in range(new_tokens - 1):
+                    token = decoder.step(token).argmax(-1)
+
+            our_time = timer(ours)
+    except Exception as err:  # noqa: BLE001 -- their compile path varies by version and device: record why
+        return {"decode_speed_ratio_static": None,
+                "decode_speed_ratio_static_reason": f"transformers' static cache + compile failed: {type(err).__name__}: {err}"}
+    return {"decode_speed_ratio_static": their_time["median_s"] / our_time["median_s"],
+            "decode_speed_ratio_static_reason": None,
+            "generate_s_static": {"ours": our_time["median_s"], "theirs": their_time["median_s"]}}

@@ -25,12 +25,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from runner.bench.flops import device_memory_bandwidth, device_peak_flops, peak_source
+from runner.bench.flops import (datasheet_bandwidth, datasheet_reason, device_memory_bandwidth, device_peak_flops,
+                                peak_source)
 from runner.bench.kernels import kernel_points
 from runner.bench.reference import reference_comparison, wants_reference
 from runner.bench.timing import PeakMemory, free_memory, guarded, memory_kind, throughput, time_fn
 from runner.build import record_model, resolve_device
 from runner.compute import autocast_dtype, next_token_loss
+from runner.decode import Decoder, resolve_compile
 from runner.formatting import dtype_name, format_bytes
 from runner.task import config_checks, task_run
 from runner.tracking import busy_machine_warning, machine_load
@@ -134,13 +136,27 @@ def measure_prefill(model, batch_size: int, prompt_length: int, dtype, device, t
 
 @torch.inference_mode()
 def measure_decode(model, batch_size: int, prompt_length: int, new_tokens: int, use_cache: bool, dtype,
-                   device, timer) -> dict:
+                   device, timer, compiled: bool = False) -> dict:
     """Greedy generation of `new_tokens` tokens after a prompt. With the cache, the prompt is prefilled
     untimed before every repeat and each timed step feeds one token; without it, each step runs the whole
-    sequence so far (prompt_length, prompt_length + 1, ...) through the model."""
+    sequence so far (prompt_length, prompt_length + 1, ...) through the model. compiled: the fixed-shape,
+    torch.compile'd decoder of runner/decode.py (compiled in the untimed warm-up)."""
     prompt = random_ids(model.vocab_size, batch_size, prompt_length, device)
     with PeakMemory(device) as mem:
-        if use_cache:
+        if compiled:
+            decoder = Decoder(model, batch_size, prompt_length + new_tokens, dtype, device, compile=True)
+            state = {}
+
+            def setup():
+                state["next"] = decoder.prefill(prompt).argmax(-1)  # (B,)
+
+            def generate():
+                token = state["next"]
+                for _ in range(new_tokens):
+                    token = decoder.step(token).argmax(-1)
+
+            timing = timer(generate, setup=setup)
+        elif use_cache:
             cache = model.allocate_cache(batch_size, prompt_length + new_tokens, dtype, device)
             state = {}
 
@@ -195,7 +211,8 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
     profile, sizes = profile_settings(bc, device)
     timer = lambda fn, setup=None: time_fn(fn, device, bc.warmup, bc.repeats, setup)  # noqa: E731
     metrics = metrics or {}
-    bench = {"device": device_name(device), "device_type": device.type, "dtype": dtype_name(dtype),
+    compiled = resolve_compile(bc.get("compile", "auto"), device)
+    bench = {"device": device_name(device), "compile": compiled, "device_type": device.type, "dtype": dtype_name(dtype),
              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "profile": profile,
              "warmup": bc.warmup, "repeats": bc.repeats, "memory_kind": memory_kind(device),
              "params": model.num_params(), "val_ppl": metrics.get("val_ppl"), "val_loss": metrics.get("val_loss"),
@@ -233,13 +250,13 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
             update()
         if bc.run.decode:
             part("decode")
-            decode_points(im, sizes, bc.new_tokens, dtype, device, timer, bench["decode"], update)
+            decode_points(im, sizes, bc.new_tokens, dtype, device, timer, bench["decode"], update, compiled)
         kv = guarded(lambda: kv_cache_size(im, dtype, device, max_len=min(im.max_seq_len, 1024)), device)
         bench.update(kv if kv.pop("status") == "ok" else {"kv_cache_bytes_per_token": None, "kv_cache_error": kv})
         run_reference, reason = wants_reference(cfg)
         bench["reference"] = guarded(lambda: reference_comparison(
             im, dtype, device, min(sizes["reference_prompt_length"], im.max_seq_len // 2),
-            min(bc.new_tokens, im.max_seq_len // 2), timer), device) if run_reference else {
+            min(bc.new_tokens, im.max_seq_len // 2), timer, compiled), device) if run_reference else {
             "status": "skipped", "reason": reason}
         update()
     if bc.run.kernels:
@@ -275,15 +292,20 @@ def prefill_points(model, sizes: dict, dtype, device, timer) -> list[dict]:
     return points
 
 
-def decode_points(model, sizes: dict, new_tokens: int, dtype, device, timer, points: list, update) -> list[dict]:
-    """With the cache at every bench.<profile>.batch_sizes, without it at no_cache_batch_sizes; each point
-    is appended to `points` and saved (update()) as soon as it is measured."""
+def decode_points(model, sizes: dict, new_tokens: int, dtype, device, timer, points: list, update,
+                  compiled: bool = False) -> list[dict]:
+    """With the cache at every bench.<profile>.batch_sizes (eager, then compiled when `compiled`), without it
+    at no_cache_batch_sizes; each point is appended to `points` and saved (update()) as soon as it is measured."""
     prompt = min(sizes["decode_prompt_length"], model.max_seq_len - 1)
     new_tokens = min(new_tokens, model.max_seq_len - prompt)  # positions stay below max_seq_len
-    for use_cache, batch_sizes in ((True, sizes["batch_sizes"]), (False, sizes["no_cache_batch_sizes"])):
+    runs = [(True, False, sizes["batch_sizes"])] + [(True, True, sizes["batch_sizes"])] * compiled + [
+        (False, False, sizes["no_cache_batch_sizes"])]
+    for use_cache, compile_it, batch_sizes in runs:
         for b in batch_sizes:
-            points.append(guarded(lambda: measure_decode(model, b, prompt, new_tokens, use_cache, dtype, device, timer),
-                                  device, batch_size=b, prompt_length=prompt, new_tokens=new_tokens, cache=use_cache))
+            points.append(guarded(lambda: measure_decode(model, b, prompt, new_tokens, use_cache, dtype, device, timer,
+                                                         compile_it),
+                                  device, batch_size=b, prompt_length=prompt, new_tokens=new_tokens, cache=use_cache,
+                                  compiled=compile_it))
             update()
     return points
 
@@ -306,7 +328,8 @@ def summarize_suite(bench: dict, model, seq_len: int, device) -> None:
     bench["prefill_tokens_per_s"] = longest["tokens_per_s"] if longest else None
     bench["prefill_prompt_length"] = longest["prompt_length"] if longest else None
 
-    cached = sorted(_ok([p for p in bench["decode"] if p["cache"]]), key=lambda p: p["batch_size"])
+    cached = sorted(_ok([p for p in bench["decode"] if p["cache"] and not p.get("compiled")]),
+                    key=lambda p: p["batch_size"])
     headline = cached[0] if cached else None
     uncached = [p for p in _ok(bench["decode"]) if not p["cache"] and headline and p["batch_size"] == headline["batch_size"]]
     bench["decode_tokens_per_s"] = headline["tokens_per_s"] if headline else None
@@ -315,6 +338,11 @@ def summarize_suite(bench: dict, model, seq_len: int, device) -> None:
     bench["kv_cache_speedup"] = (bench["decode_tokens_per_s"] / bench["decode_tokens_per_s_no_cache"]
                                  if bench["decode_tokens_per_s"] and bench["decode_tokens_per_s_no_cache"] else None)
     bench["kv_cache_speedup_new_tokens"] = headline["new_tokens"] if headline else None
+
+    compiled = {p["batch_size"]: p for p in _ok(bench["decode"]) if p.get("compiled")}
+    fast = compiled.get(bench["decode_batch_size"])
+    bench["decode_tokens_per_s_compiled"] = fast["tokens_per_s"] if fast else None
+    bench["compile_speedup"] = (fast["tokens_per_s"] / headline["tokens_per_s"]) if fast and headline else None
 
     # Decoding reads every weight once per step: bandwidth / weight bytes is the batch-1 ceiling.
     bandwidth = device_memory_bandwidth(device)
@@ -325,11 +353,30 @@ def summarize_suite(bench: dict, model, seq_len: int, device) -> None:
         p["fraction_of_bandwidth_bound"] = p["tokens_per_s"] / (p["batch_size"] * bound) if bound else None
     bench["decode_fraction_of_bandwidth_bound"] = (
         headline["tokens_per_s"] / (headline["batch_size"] * bound) if bound and headline else None)
+    bench["decode_bandwidth_utilization"], bench["decode_bandwidth_utilization_reason"] = None, datasheet_reason(device)
+    for p in _ok([p for p in bench["decode"] if p["cache"]]):
+        p["bandwidth_utilization"] = bandwidth_utilization(p, bench, model, device)
+    fastest = fast or headline
+    if fastest and fastest.get("bandwidth_utilization") is not None:
+        bench["decode_bandwidth_utilization"] = fastest["bandwidth_utilization"]
+        bench["decode_bandwidth_utilization_reason"] = None
 
     peaks = {part: max((p["peak_memory_bytes"] for p in _ok(bench[part])), default=None)
              for part in ("train", "prefill", "decode")}
     bench["peak_memory"] = peaks
     bench["peak_memory_bytes"] = max((v for v in peaks.values() if v is not None), default=None)
+
+
+def bandwidth_utilization(point: dict, bench: dict, model, device) -> float | None:
+    """Bytes a decode step must read (every weight once, plus each row's KV cache so far, on average
+    prompt + new_tokens / 2 tokens) x steps/s, over the device's data-sheet memory bandwidth."""
+    peak = datasheet_bandwidth(device)
+    if peak is None or not bench.get("weight_bytes"):
+        return None
+    dtype = DTYPES.get(bench["dtype"], torch.float32)
+    kv_tokens = point["prompt_length"] + point["new_tokens"] / 2
+    step_bytes = bench["weight_bytes"] + point["batch_size"] * kv_tokens * model.kv_cache_bytes_per_token(dtype)
+    return step_bytes * point["tokens_per_s"] / point["batch_size"] / peak
 
 
 # -- task=bench ---------------------------------------------------------------------------------------------
@@ -409,8 +456,15 @@ def print_table(bench: dict | None, path=None) -> None:
     for p in bench["decode"]:
         bound = p.get("fraction_of_bandwidth_bound")
         bound = f"  {bound:.0%} of bandwidth bound" if bound is not None else ""
-        lines.append(f"  decode    B={p['batch_size']} +{p['new_tokens']} {'cache   ' if p['cache'] else 'no cache'}  "
-                     f"{_rate(p)}{bound}")
+        util = p.get("bandwidth_utilization")
+        bound += f"  {util:.0%} of memory bandwidth" if util is not None else ""
+        kind = "compiled" if p.get("compiled") else "cache   " if p["cache"] else "no cache"
+        lines.append(f"  decode    B={p['batch_size']} +{p['new_tokens']} {kind}  {_rate(p)}{bound}")
+    if bench.get("compile_speedup") is not None:
+        lines.append(f"  compiled decode {bench['decode_tokens_per_s_compiled']:,.0f} tok/s vs eager "
+                     f"{bench['decode_tokens_per_s']:,.0f}: {bench['compile_speedup']:.2f}x at B={bench['decode_batch_size']}")
+    elif not bench.get("compile"):
+        lines.append("  compiled decode: off (bench.compile=auto compiles on CUDA only; bench.compile=true here)")
     lines.append(f"  KV cache speed-up {_num(bench.get('kv_cache_speedup'), '{:.1f}x')} at "
                  f"{bench.get('kv_cache_speedup_new_tokens')} new tokens; "
                  f"{_num(bench.get('kv_cache_bytes_per_token'), '{:,}')} bytes/token "
@@ -429,8 +483,13 @@ def print_table(bench: dict | None, path=None) -> None:
     ref = bench.get("reference") or {}
     if ref.get("status") == "ok":
         lines.append(f"  vs transformers (ours/theirs): forward time {ref['forward_time_ratio']:.2f}x, prefill "
-                     f"{ref['prefill_speed_ratio']:.2f}x, decode {ref['decode_speed_ratio']:.2f}x tokens/s, peak memory "
+                     f"{ref['prefill_speed_ratio']:.2f}x, decode {ref['decode_speed_ratio']:.2f}x tokens/s "
+                     f"(ours {ref['decode_ours']}, eager {ref['decode_speed_ratio_eager']:.2f}x), peak memory "
                      f"{_num(ref.get('peak_memory_ratio'), '{:.2f}x')}, max |logit diff| {ref['max_logit_diff']:.2e}")
+        static = ref.get("decode_speed_ratio_static")
+        lines.append(f"  vs transformers static cache + compiled forward: " + (
+            f"{static:.2f}x (prefill + {ref['new_tokens']} tokens)" if static is not None
+            else f"- ({ref.get('decode_speed_ratio_static_reason')})"))
     elif ref:
         lines.append(f"  vs transformers: {ref.get('status')} ({ref.get('reason') or ref.get('error')})")
     if bench.get("val_ppl") is not None:
