@@ -279,3 +279,28 @@ def test_suite_on_cuda_reports_mfu_and_the_bandwidth_bound():
     assert bench["mfu"] > 0 and bench["peak_flops"] > 0 and bench["decode_fraction_of_bandwidth_bound"] > 0
     assert bench["train"][0]["autocast"] == "bfloat16"
     assert next(model.parameters()).dtype == torch.float32 and next(model.parameters()).is_cuda  # restored
+
+
+def test_the_prepared_gpu_command_composes():
+    """runner/bench/BENCH.md's one GPU command: every `python run.py` in it composes (keys exist, values
+    parse, the checks a run makes before any work pass), so the few device minutes are not lost to a typo."""
+    import re
+    import shlex
+
+    from conftest import compose
+    from runner.build import check_model_config
+    from runner.train import check_train_config
+
+    doc = (ROOT / "runner" / "bench" / "BENCH.md").read_text()
+    block = re.search(r"## On a GPU.*?```bash\n(.*?)```", doc, re.S).group(1)
+    script = block.replace("\\\n", " ").replace("$c", "true")
+    commands = [c.split("||")[0] for c in re.split(r"&&|;\s*do|;\s*done", script) if "python run.py" in c]
+    assert len(commands) == 4
+    for command in commands:
+        overrides = [a for a in shlex.split(command.split("python run.py", 1)[1]) if not a.startswith("hydra.")]
+        cfg = compose(overrides)
+        check_model_config(cfg.model)
+        if cfg.task == "train":
+            check_train_config(cfg)
+        else:
+            assert cfg.task == "bench"
