@@ -304,3 +304,15 @@ def test_the_prepared_gpu_command_composes():
             check_train_config(cfg)
         else:
             assert cfg.task == "bench"
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["task=bench", "model=phi3"], True),                         # compared with transformers: compiled
+    (["task=bench"], False),                                       # the default preset on CPU: eager only
+    (["model=phi3"], False),                                       # the benchmark after training: eager on CPU
+    (["task=bench", "model=phi3", "bench.compile=false"], False),
+    (["task=bench", "bench.compile=true"], True),
+])
+def test_bench_compile_auto(overrides, expected):
+    from conftest import compose
+    assert bench_module.bench_compiles(compose(overrides), torch.device("cpu")) is expected
