@@ -233,6 +233,7 @@ def _generate(cfg, run) -> dict:
     torch.manual_seed(g.seed if g.seed is not None else 0)
     with config_checks():  # a bad model config fails before a corpus or tokenizer is read (and prints in one line)
         check_model_config(cfg.model)
+        compile_decoding = resolve_compile(g.get("compile"), device)  # generate.compile: auto | true | false
     model, tok, source = load_model_and_tokenizer(cfg, device)
     record_model(run.results, model)
     run.results.update(weights=source)
@@ -264,7 +265,7 @@ def _generate(cfg, run) -> dict:
     started = time.perf_counter()
     out = generate(model, prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
                    top_p=g.top_p, seed=g.seed, eos_token_id=tok.eos_ids, use_cache=g.use_cache,
-                   on_token=stream if streaming else None, compile=resolve_compile(g.get("compile"), device))
+                   on_token=stream if streaming else None, compile=compile_decoding)
     seconds = time.perf_counter() - started
     completions = [continuation(tok, p, row) for p, row in zip(prompts, out)]
     if streaming:

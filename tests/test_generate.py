@@ -181,6 +181,19 @@ def test_a_bad_model_config_fails_before_any_data_is_read(tmp_path, monkeypatch,
         main(compose([f"task={task}", "model.n_heads=3", f"cache_dir={tmp_path}", *tokenizer]))
 
 
+@pytest.mark.parametrize("task", ["generate", "bench"])
+def test_a_bad_compile_setting_fails_before_any_data_is_read(tmp_path, monkeypatch, task):
+    import importlib
+
+    import runner.data
+
+    monkeypatch.setattr(runner.data, "build_data", lambda *a, **k: pytest.fail("data read before the check"))
+    monkeypatch.chdir(tmp_path)  # results.json: the cwd outside Hydra
+    main = importlib.import_module(f"runner.{task}").main
+    with pytest.raises(ValueError, match=r"compile='sometimes' must be auto, true or false"):
+        main(compose([f"task={task}", f"{task}.compile=sometimes", f"cache_dir={tmp_path}", "logger=none"]))
+
+
 @pytest.fixture(scope="module")
 def hf_tokenizer_dir(tmp_path_factory):
     return save_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))

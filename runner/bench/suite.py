@@ -412,6 +412,7 @@ def main(cfg: DictConfig):
 
     with task_run(cfg, "bench", print_summary=lambda record: print_table(record.get("bench"), record_path(record))) as run:
         with config_checks():
+            resolve_compile(cfg.bench.get("compile", "auto"), "cpu")  # bench.compile: auto | true | false
             perplexity, skipped = wants_perplexity(cfg)
             if perplexity:
                 check_eval_config(cfg)  # a checkpoint's tokenizer, before any work
