@@ -16,7 +16,7 @@ this path is tested against.
 """
 import torch
 
-from runner.compute import resolve_compile  # noqa: F401 -- generate.compile / bench.compile
+from variants.position import positions_from_documents
 
 _COMPILED: dict = {}  # (which, mode) -> the torch.compile'd call, shared by every Decoder of the process
 
@@ -59,8 +59,6 @@ class Decoder:
     def prefill(self, ids, document_ids=None, position_ids=None):
         """Encode ids (B, P) from an empty cache; returns the last column's logits (B, V). Positions
         restart at every document (document_ids; default: one document per row), as model.forward does."""
-        from variants.position import positions_from_documents
-
         B, P = ids.shape
         if P > self.cache.max_len:
             raise ValueError(f"the prompt has {P} tokens; the decoder's cache holds {self.cache.max_len}")

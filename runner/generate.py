@@ -19,7 +19,8 @@ from functools import partial
 import torch
 
 from runner.build import build_model, check_model_config, record_model, resolve_device
-from runner.decode import Decoder, resolve_compile
+from runner.compute import resolve_compile
+from runner.decode import Decoder
 from runner.task import config_checks, task_run
 
 PAD_DOCUMENT, PROMPT_DOCUMENT = -1, 0

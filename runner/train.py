@@ -25,7 +25,7 @@ from runner.sweep import finished_record
 from runner.build import build_model, check_model_config, record_model
 from runner.checkpoint import (RESUME_KEYS, latest_checkpoint, load_latest_readable, rng_state, save_checkpoint,
                                set_rng_state)
-from runner.compute import resolve_compile, autocast_dtype, aux_loss, batch_loss
+from runner.compute import autocast_dtype, aux_loss, batch_loss, resolve_compile
 from runner.evaluate import evaluate, require_checkpoint_tokenizer
 from runner.task import Interrupted, StopSignal, config_checks, task_run
 from runner.formatting import format_bytes
@@ -137,8 +137,8 @@ class Trainer:
         self.model = distributed.wrap(model, dist)  # DDP or FSDP2 under torchrun; the model itself otherwise
         if t.get("activation_checkpointing"):
             checkpoint_blocks(model)
-        self.compiled = resolve_compile(t.compile, device)  # auto: on CUDA
-        self.forward_model = torch.compile(self.model) if self.compiled else self.model
+        compiled = resolve_compile(t.compile, device)  # auto: on CUDA
+        self.forward_model = torch.compile(self.model) if compiled else self.model
         self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
                                            fused=device.type == "cuda")
         # the budget in steps (tokens and FLOPs buy a whole number of them); None: train.max_seconds, the clock

@@ -31,8 +31,8 @@ from runner.bench.kernels import kernel_points
 from runner.bench.reference import reference_comparison, wants_reference
 from runner.bench.timing import PeakMemory, free_memory, guarded, memory_kind, throughput, time_fn
 from runner.build import record_model, resolve_device
-from runner.compute import autocast_dtype, next_token_loss
-from runner.decode import Decoder, resolve_compile
+from runner.compute import autocast_dtype, next_token_loss, resolve_compile
+from runner.decode import Decoder
 from runner.formatting import dtype_name, format_bytes
 from runner.task import config_checks, task_run
 from runner.tracking import busy_machine_warning, machine_load
