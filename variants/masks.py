@@ -126,9 +126,9 @@ class AttentionContext:
 
 class CacheSlotContext(AttentionContext):
     """Fixed-shape attention over a whole preallocated KV cache (gpt-fast's decoding): the queries sit at
-    cache slots `q_slots` (T,), a tensor, and attend over all max_len slots; slots not yet written (and later
-    ones) are masked by the causal patterns themselves (kv <= q), so the shapes are the same at every step
-    and a compiled step never recompiles.
+    cache slots `q_slots` (T,), a tensor, and attend over all max_len slots; slots after the query's (not yet
+    written, or stale from an earlier generation) are masked whatever the pattern (_WrittenSlots), so the
+    shapes are the same at every step and a compiled step never recompiles.
 
     q_doc: (B, T); kv_doc: (B, max_len), the cache's document ids with the new tokens' already recorded.
     """
