@@ -77,8 +77,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     the (N, V) logits. hidden (N, d), weight (V, d), labels (N,) -> the summed loss over real targets."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk: int):
-        needs_grad = hidden.requires_grad or weight.requires_grad
+    def forward(ctx, hidden, weight, labels, chunk: int, needs_grad: bool):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
@@ -102,7 +101,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total.to(grad_weight.dtype), None, None
+        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total.to(grad_weight.dtype), None, None, None
 
 
 def chunked_cross_entropy(hidden, weight, labels, reduction: str = "mean", chunk: int | None = None):
@@ -111,7 +110,10 @@ def chunked_cross_entropy(hidden, weight, labels, reduction: str = "mean", chunk
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r} must be mean or sum")
     chunk = chunk or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
-    total = _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk)
+    # decided out here: inside forward grad mode is always off, and an evaluation under no_grad (whose
+    # weight still requires grad) must not pay for gradients
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    total = _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk, needs_grad)
     # mean over real targets; 0/0 = nan with no targets, as F.cross_entropy gives
     return total / (labels != IGNORE).sum() if reduction == "mean" else total
 

@@ -59,3 +59,19 @@ def test_compile_auto_is_on_under_cuda_only():
     assert resolve_compile(True, "cpu") is True and resolve_compile("false", "cuda") is False
     with pytest.raises(ValueError, match="compile"):
         resolve_compile("sometimes", "cpu")
+
+
+def test_chunked_loss_under_no_grad_computes_no_gradients(monkeypatch):
+    """Evaluation runs under no_grad while the head's weight still requires grad: the loss must not build
+    gradient buffers then (it would cost a backward's work per evaluation batch)."""
+    from runner import compute
+
+    hidden, weight = torch.randn(12, 8), torch.randn(20, 8, requires_grad=True)
+    labels = torch.randint(0, 20, (12,))
+    made = []
+    real_zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: made.append(a) or real_zeros(*a, **k))
+    with torch.no_grad():
+        loss = compute.chunked_cross_entropy(hidden, weight, labels, chunk=5)
+    assert not any(tuple(a[0]) == tuple(weight.shape) for a in made if a and isinstance(a[0], torch.Size))
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(hidden @ weight.T, labels))
