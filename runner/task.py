@@ -14,7 +14,8 @@ results.json is written before the body runs and rewritten with the outcome what
   oom / failed  any other exception, recorded and then re-raised (Hydra prints it; run.py prints an error
                 of the checks inside `config_checks()` in one line, without a traceback)
 Then the W&B run gets the status, the metrics and any benchmark tables, and finishes; the task's own
-summary is printed last.
+summary is printed last. A Ctrl-C or SIGTERM during that closing section is held until it is done (a record
+half-written would say `running` for ever), then acknowledged in one line; in a sweep it stops the sweep.
 """
 import re
 import signal
@@ -94,6 +95,29 @@ class StopSignal:
             handler(sig, None)
 
 
+class DeferredSignals:
+    """SIGINT and SIGTERM noted, not raised, inside the block (the task wrapper's closing section); `received`
+    names the first one that came ("Ctrl-C" or "SIGTERM"), or is None."""
+
+    def __init__(self):
+        self.received, self._previous = None, {}
+
+    def _note(self, signum, frame):
+        self.received = self.received or ("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._note)
+            except ValueError:  # not the main thread: signals stay as they were
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
 class RankResults(Results):
     """Ranks other than 0 keep the record in memory; rank 0 alone writes results.json."""
 
@@ -166,21 +190,35 @@ def task_run(cfg: DictConfig, task: str, print_summary=None, is_main: bool = Tru
         status, error = ("oom" if is_oom(err) else "failed"), err
         raise
     finally:
-        results.finish(status, error)
-        for close in run._closers:
-            close(status)
-        if run.logger is not None:
-            log_bench(run.logger, results.data.get("bench"))
-            run.logger.summary({"status": status, **results.data["metrics"]})
-            run.logger.finish(status)
+        with DeferredSignals() as late:  # a stop now waits until the record, W&B and the summary are done
+            results.finish(status, error)
+            for close in run._closers:
+                close(status)
+            if run.logger is not None:
+                log_bench(run.logger, results.data.get("bench"))
+                run.logger.summary({"status": status, **results.data["metrics"]})
+                run.logger.finish(status)
+            if is_main and print_summary is not None:
+                print_summary(results.data)
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
-        if is_main and print_summary is not None:
-            print_summary(results.data)
+        if late.received and status != "interrupted":
+            if is_main:
+                print(f"\n{late.received} after {task} finished: its results are recorded (status {status})")
+            if error is not None:  # the failure is recorded; in a sweep the stop still stops the sweep
+                _stop_sweep(None)
     if run.stop is not None:
         run.stop.forward()  # submitit's requeue, after the checkpoint and the record
     if status == "interrupted":  # one job of an in-process sweep: the whole sweep stops (runner/sweep.py)
-        from runner.sweep import SweepInterrupted, in_process_sweep_dir
-        sweep_dir = in_process_sweep_dir()
-        if sweep_dir is not None:
-            raise SweepInterrupted(sweep_dir, str(results.path.parent))
+        _stop_sweep(str(results.path.parent))
+    elif late.received:
+        _stop_sweep(None)
+
+
+def _stop_sweep(job_dir: str | None) -> None:
+    """In an in-process sweep, raise SweepInterrupted so that no further job starts (job_dir: the job that was
+    interrupted, None when the stop came after the job had finished)."""
+    from runner.sweep import SweepInterrupted, in_process_sweep_dir
+    sweep_dir = in_process_sweep_dir()
+    if sweep_dir is not None:
+        raise SweepInterrupted(sweep_dir, job_dir)

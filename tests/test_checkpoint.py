@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, compose, tiny_model
+from hold_phase import HeldRun
 from runner.checkpoint import (RESUME_KEYS, CheckpointWriteError, NoReadableCheckpoint, list_checkpoints,
                                load_latest_readable, load_model_weights, save_checkpoint)
 from runner.runlock import LOCK_NAME, RunDirectoryBusy, RunLock
@@ -208,16 +209,11 @@ def test_a_second_run_into_a_live_run_directory_stops_at_once(tmp_path, cache_di
     env = {**os.environ, "WANDB_SILENT": "true"}
     cmd = [sys.executable, str(ROOT / "run.py"), *TINY, f"cache_dir={cache_dir}", "hydra.run.dir=run",
            "train.max_steps=100000", "train.checkpoint_every=1000000", "train.eval_every=0"]
-    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # the first run is held in its training loop (after its first logged step) while the second tries
+    held = HeldRun(tmp_path, "runner.train:Trainer.log_train_point", cmd[2:], after=True)
+    first = held.proc
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline and first.poll() is None:  # until the model is built: data read, loop next
-            try:
-                if results(tmp_path / "run")["params"]:
-                    break
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
-            time.sleep(0.2)
+        held.wait_held()
         assert (tmp_path / "run" / LOCK_NAME).exists()
         started = time.time()
         second = subprocess.run([*cmd[:-3], "train.resume=true"], cwd=tmp_path, capture_output=True, text=True,
@@ -228,8 +224,8 @@ def test_a_second_run_into_a_live_run_directory_stops_at_once(tmp_path, cache_di
         assert results(tmp_path / "run")["status"] == "running"  # the first run's record, untouched
         assert first.poll() is None
     finally:
-        first.send_signal(signal.SIGTERM)  # stop the first at its next step: checkpoint, record, exit 0
-        stdout, stderr = first.communicate(timeout=120)
+        held.signal(signal.SIGTERM)  # stop the first at its next step: checkpoint, record, exit 0
+        _, stdout, stderr = held.finish()
     assert first.returncode == 0, stderr[-3000:]
     r = results(tmp_path / "run")
     assert r["status"] == "interrupted" and "step_" in r["error"]["message"]

@@ -7,11 +7,11 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from conftest import ROOT
+from hold_phase import HeldRun
 from test_train import TINY, results, run
 from runner.naming import job_dirname
 
@@ -69,10 +69,11 @@ def test_resume_without_a_checkpoint_stops_and_lists_the_runs_that_can_be_resume
     run([f"hydra.run.dir={old}", "train.checkpoint_every=3", "model.d_model=48"], tmp_path, cache_dir)
     run(["hydra.run.dir=outputs/runs/2026-01-01/11-00-00_train", "train.checkpoint_every=0", "train.max_steps=1"],
         tmp_path, cache_dir)
+    before = set((tmp_path / "outputs" / "runs").glob("*/*"))
     out = run(["train.resume=true"], tmp_path, cache_dir, check=False)
     text = out.stdout + out.stderr
     assert out.returncode != 0 and "Traceback" not in text
-    fresh, = [p for p in (tmp_path / "outputs" / "runs").glob("*/*") if not p.name.startswith(("10-", "11-"))]
+    fresh, = set((tmp_path / "outputs" / "runs").glob("*/*")) - before  # the folder this run made, whatever the hour
     assert results(fresh)["status"] == "failed" and not (fresh / "checkpoints").exists()  # nothing trained
     listed = sorted({line for line in text.splitlines() if "train.resume=true hydra.run.dir=" in line})
     assert len(listed) == 1 and old in listed[0]  # the run without a checkpoint is not offered
@@ -84,32 +85,41 @@ def test_resume_without_a_checkpoint_stops_and_lists_the_runs_that_can_be_resume
     assert results(tmp_path / old)["resumed_from"].endswith("step_0000006.pt")
 
 
-@pytest.mark.parametrize("task, args, phase", [
-    # interrupted while the corpus and tokenizer build (cold), while the suite runs, while decoding
-    ("eval", ["task=eval", "data.max_documents=null"], "data: reading"),
-    ("bench", ["task=bench"], "benchmark ("),
-    ("generate", ["task=generate", "model.max_seq_len=4096", "generate.max_new_tokens=4000"], "data: packed rows"),
+def run_held(tmp_path, cache, target: str, args, after: bool = False):
+    """run.py with `target` (module:function) held on its first call until SIGINT has been sent, so the signal
+    lands inside that phase whatever the machine's speed (tests/hold_phase.py)."""
+    held = HeldRun(tmp_path, target, [*TINY, f"cache_dir={cache}", "hydra.run.dir=run", *args], after=after)
+    held.wait_held()
+    held.signal(signal.SIGINT)
+    return held.finish()
+
+
+@pytest.mark.parametrize("task, args, target", [
+    # interrupted while the corpus is read (a cold cache), while the suite times, while decoding
+    ("eval", ["task=eval"], "runner.data:load_corpus"),
+    ("bench", ["task=bench"], "runner.bench.suite:time_fn"),
+    ("generate", ["task=generate", "generate.max_new_tokens=8"], "runner.generate:sample_next"),
 ])
-def test_ctrl_c_outside_training_records_interrupted_in_one_line(tmp_path, cache_dir, task, args, phase):
+def test_ctrl_c_outside_training_records_interrupted_in_one_line(tmp_path, cache_dir, task, args, target):
     cache = cache_dir if task != "eval" else tmp_path / "cold"
-    if task == "generate":  # the tokenizer built and cached first: the signal lands in the decode loop
-        run(["hydra.run.dir=warm", "train.max_steps=1"], tmp_path, cache)
-    cmd = [sys.executable, str(ROOT / "run.py"), *TINY, f"cache_dir={cache}", "hydra.run.dir=run", *args]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "WANDB_SILENT": "true"})
-    log, deadline = tmp_path / "run" / "run.log", time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (log.exists() and phase in log.read_text()):
-        time.sleep(0.05)  # the job's log says when the phase begins
-    time.sleep(0.5 if task != "generate" else 2.0)
-    assert proc.poll() is None, "finished before the signal: the test needs a longer phase"
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    proc, stdout, stderr = run_held(tmp_path, cache, target, args)
     assert proc.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stdout + stderr
     r = results(tmp_path / "run")
     assert r["status"] == "interrupted" and r["task"] == task
     assert r["error"]["type"] == "Interrupted" and "\n" not in r["error"]["message"]
     assert f"Ctrl-C: {task} stopped before it finished" in stdout
+
+
+def test_ctrl_c_while_the_task_wrapper_records_a_finished_task_is_not_lost(tmp_path, cache_dir):
+    # the body has finished and results.json is being written: the record completes, says what the body
+    # did, and the Ctrl-C is acknowledged in one line (a sweep would stop there: test_sweep.py)
+    proc, stdout, stderr = run_held(tmp_path, cache_dir, "runner.tracking:Results.finish", ["task=eval"], after=True)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stdout + stderr
+    r = results(tmp_path / "run")
+    assert r["status"] == "ok" and r["metrics"]["val_loss"] > 0
+    assert "Ctrl-C after eval finished: its results are recorded" in stdout
 
 
 @pytest.mark.parametrize("position", ["rope", "learned"])

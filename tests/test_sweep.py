@@ -1,16 +1,15 @@
 """A sweep stops as a whole on SIGTERM (after the running job checkpoints) and its printed command resumes it:
 finished jobs kept, the interrupted one continued from its checkpoint, the rest started."""
-import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from conftest import ROOT
+from hold_phase import HeldRun
 from test_train import TINY, results, run
 
 
@@ -26,16 +25,11 @@ def test_sigterm_stops_the_sweep_and_its_resume_finishes_every_job(tmp_path, cac
     steps = ["train.max_steps=60", "train.eval_every=2", "train.eval_batches=1", "train.checkpoint_every=1000"]
     args = ["-m", *TINY, f"cache_dir={cache_dir}", "train.seed=0,1,2", *steps, "hydra.sweep.dir=sweep"]
     env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # until job 0 is in its training loop (a validation point is recorded)
-        first = job_dir(tmp_path, 0) / "results.json"
-        if first.exists() and json.loads(first.read_text() or "{}").get("curves", {}).get("val"):
-            break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=240)
+    # held after job 0's first validation (step 2): the signal lands in its training loop by construction
+    held = HeldRun(tmp_path, "runner.train:Trainer.validate", args, after=True, env=env)
+    held.wait_held()
+    held.signal(signal.SIGTERM)
+    proc, stdout, stderr = held.finish()
     assert proc.returncode == 0, stderr[-3000:]
     r0 = results(job_dir(tmp_path, 0))
     assert r0["status"] == "interrupted"

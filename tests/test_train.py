@@ -6,13 +6,13 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import ROOT
+from hold_phase import HeldRun
 
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.attention.n_kv_heads=1",
         "train.max_steps=6", "train.batch_size=4", "train.eval_every=3", "train.eval_batches=2",
@@ -89,16 +89,12 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_curve(tmp_path
     # a constant LR after warm-up (min_lr_ratio=1), so that the schedule does not depend on max_steps and the
     # stopped run can be compared with an uninterrupted one of a different length
     same = ["train.eval_every=0", "train.log_every=4", "train.min_lr_ratio=1.0"]
-    cmd = [sys.executable, str(ROOT / "run.py"), *TINY, f"cache_dir={cache_dir}", "hydra.run.dir=run",
-           "train.max_steps=100000", "train.checkpoint_every=1000000", *same]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "WANDB_SILENT": "true"})
-    deadline = time.time() + 120
-    while time.time() < deadline and not (tmp_path / "run" / "results.json").exists():
-        time.sleep(0.2)
-    time.sleep(3.0)  # well into the loop
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    held = HeldRun(tmp_path, "runner.train:Trainer.log_train_point", [  # held at the first logged step
+        *TINY, f"cache_dir={cache_dir}", "hydra.run.dir=run", "train.max_steps=100000",
+        "train.checkpoint_every=1000000", *same], after=True)
+    held.wait_held()
+    held.signal(signal.SIGTERM)  # inside the loop by construction: it stops at the next step boundary
+    proc, stdout, stderr = held.finish()
     assert proc.returncode == 0, stderr[-3000:]
     r = results(tmp_path / "run")
     assert r["status"] == "interrupted"
@@ -122,20 +118,12 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_curve(tmp_path
 def test_sigterm_after_the_loop_records_interrupted_with_the_final_checkpoint(tmp_path, cache_dir):
     """SIGTERM while the benchmark runs (after training): no traceback, `interrupted`, resumable."""
     run(["hydra.run.dir=warm", "train.max_steps=1"], tmp_path, cache_dir)
-    cmd = [sys.executable, str(ROOT / "run.py"), *TINY, f"cache_dir={cache_dir}", "hydra.run.dir=run",
-           "train.max_steps=5", "train.checkpoint_every=3", "train.bench=true"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "WANDB_SILENT": "true"})
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if results(tmp_path / "run").get("metrics", {}).get("val_loss") is not None:
-                break  # trained and evaluated: the benchmark (seconds) is running
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    held = HeldRun(tmp_path, "runner.bench.suite:time_fn", [  # held at the benchmark's first timing
+        *TINY, f"cache_dir={cache_dir}", "hydra.run.dir=run", "train.max_steps=5", "train.checkpoint_every=3",
+        "train.bench=true"])
+    held.wait_held()
+    held.signal(signal.SIGTERM)
+    proc, stdout, stderr = held.finish()
     assert proc.returncode == 0, stderr[-3000:]
     r = results(tmp_path / "run")
     assert r["status"] == "interrupted" and r["metrics"]["steps"] == 5
