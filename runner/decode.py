@@ -14,11 +14,32 @@ token loop: on CUDA the step becomes one CUDA graph (mode="reduce-overhead").
 The eager token loop of runner/generate.py (the cache sliced to its current length) stays the reference
 this path is tested against.
 """
+import weakref
+
 import torch
 
 from variants.position import positions_from_documents
 
 _COMPILED: dict = {}  # (which, mode) -> the torch.compile'd call, shared by every Decoder of the process
+# model -> (shape key, KVCache): the last static cache allocated for a model, reused by the next Decoder of the
+# same shape (same addresses: the CUDA graph replays instead of re-recording); one per model bounds memory
+_STATIC_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def static_cache(model, batch_size: int, max_len: int, dtype=None, device=None):
+    """The model's static cache for (batch_size, max_len, dtype, device): the last one when its shape matches,
+    else a new one (replacing it), marked static for torch.compile without address guards (torch 2.9 guards
+    by default, which recompiled the step for every new Decoder: every bench point and every generate())."""
+    ref = next(model.parameters())
+    key = (batch_size, max_len, dtype or ref.dtype, torch.device(device or ref.device))
+    held = _STATIC_CACHES.get(model)
+    if held is not None and held[0] == key:
+        return held[1]
+    _STATIC_CACHES.pop(model, None)  # free the old buffers before allocating the new ones
+    cache = model.allocate_cache(batch_size, max_len, key[2], key[3])
+    cache.mark_static()
+    _STATIC_CACHES[model] = (key, cache)
+    return cache
 
 
 def _call(model, cache, ids, slots, positions, docs):
@@ -38,14 +59,15 @@ def _compiled(which: str, device_type: str):
 
 
 class Decoder:
-    """A model and its static cache for `batch_size` rows of up to `max_len` tokens (prompt + new)."""
+    """A model and its static cache for `batch_size` rows of up to `max_len` tokens (prompt + new).
+
+    Decoders of the same model and shape share one cache (static_cache), so a new Decoder neither
+    recompiles nor re-records the step; the last to prefill owns it, and an older one's step then fails."""
 
     def __init__(self, model, batch_size: int, max_len: int, dtype=None, device=None, compile: bool = False):
         self.model, self.compile = model, compile
-        self.cache = model.allocate_cache(batch_size, max_len, dtype, device)
+        self.cache = static_cache(model, batch_size, max_len, dtype, device)
         self.device = self.cache.device
-        if compile and self.device.type == "cuda":
-            self.cache.mark_static()
         self.length = 0  # Python's own count, for bounds checks only; the graph reads `slot`
         self.slot = torch.zeros(1, dtype=torch.long, device=self.device)  # (1,) the next write slot
         self.positions = self.documents = None  # (B, 1): the next token's position and document
@@ -65,6 +87,7 @@ class Decoder:
         docs = torch.zeros_like(ids) if document_ids is None else document_ids
         positions = positions_from_documents(docs) if position_ids is None else position_ids
         self.cache.reset()
+        self.cache.owner = self
         slots = torch.arange(P, device=self.device)
         logits = self._run("prefill", ids, slots, positions, docs)
         self.length = P
@@ -76,6 +99,8 @@ class Decoder:
         """One token per row, token (B,) or (B, 1), at the next slot; returns its logits (B, V)."""
         if self.positions is None:
             raise RuntimeError("Decoder.step before prefill")
+        if self.cache.owner is not self:
+            raise RuntimeError("another Decoder of the same model and shape has prefilled since: its cache is shared")
         if self.length >= self.cache.max_len:
             raise ValueError(f"KV cache holds {self.cache.max_len} tokens; this step needs {self.length + 1}")
         logits = self._run("step", token.reshape(-1, 1), self.slot, self.positions, self.documents)

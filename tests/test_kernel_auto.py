@@ -1,5 +1,6 @@
-"""model.attention.kernel=auto: SDPA on CPU and for plain causal rows, FlexAttention for packed or
-non-causal rows on CUDA; the same attention as the eager reference either way, and what ran is recorded."""
+"""model.attention.kernel=auto: SDPA on CPU, for plain causal rows and for one-token steps, FlexAttention for
+packed or non-causal rows on CUDA (choose_kernel, a pure function any device type can ask); the same attention as the
+eager reference either way, and what ran is recorded."""
 from types import SimpleNamespace
 
 import pytest
@@ -7,20 +8,35 @@ import torch
 
 from conftest import tiny_model
 from variants import Causal, SlidingWindow
-from variants.attention import AutoKernel
+from variants.attention import AutoKernel, choose_kernel
 
 
 @pytest.mark.parametrize("device,documents,pattern,expected", [
     ("cpu", True, SlidingWindow(4), "sdpa"),
+    ("mps", True, SlidingWindow(4), "sdpa"),
     ("cuda", False, Causal(), "sdpa"),
     ("cuda", True, Causal(), "flex"),
     ("cuda", False, SlidingWindow(4), "flex"),
 ])
 def test_auto_chooses_flex_only_for_masked_rows_on_cuda(device, documents, pattern, expected):
-    q = SimpleNamespace(device=torch.device(device))
-    ctx = SimpleNamespace(q_doc=object() if documents else None, fixed_shape=False)
-    assert AutoKernel.choose(q, pattern, ctx) == expected
-    assert AutoKernel.choose(q, pattern, SimpleNamespace(q_doc=ctx.q_doc, fixed_shape=True)) == "sdpa"
+    assert choose_kernel(device, pattern, 512, 512, documents) == expected
+    assert choose_kernel(device, pattern, 512, 512, documents, fixed_shape=True) == "sdpa"  # compiled decoding
+    assert choose_kernel(device, pattern, 64, 64, documents) == "sdpa"  # within one flex block: nothing to skip
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "xpu"])
+@pytest.mark.parametrize("documents", [False, True])
+@pytest.mark.parametrize("pattern", [Causal(), SlidingWindow(4)])
+def test_a_one_token_step_takes_sdpa_on_any_device(device, documents, pattern):
+    """A decoding step with a cache: one query row, whatever the cache holds."""
+    assert choose_kernel(device, pattern, 1, 4096, documents) == "sdpa"
+
+
+def test_auto_kernel_asks_choose_kernel_with_the_calls_shapes():
+    ctx = SimpleNamespace(q_doc=object(), fixed_shape=False, q_len=1, kv_len=300)
+    q = SimpleNamespace(device=torch.device("cuda"))
+    assert AutoKernel.choose(q, Causal(), ctx) == "sdpa"
+    assert AutoKernel.choose(q, Causal(), SimpleNamespace(**{**vars(ctx), "q_len": 300})) == "flex"
 
 
 def test_auto_matches_eager_on_packed_rows_and_records_the_kernel():

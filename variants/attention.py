@@ -33,10 +33,30 @@ class EagerKernel:
         return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
+def sdpa_masked(q, k, v, mask, scale):
+    """SDPA with a boolean or additive mask (B or 1, 1 or H, Tq, Tkv) and GQA.
+
+    `enable_gqa` with a mask leaves CUDA only the math kernel (flash takes no mask, memory-efficient no GQA),
+    which would run in float32 at O(T^2) memory. Instead the query heads of each key/value head are folded
+    into the query axis, (B, Hkv, g*Tq, d), with the mask repeated to match: plain SDPA, no K/V copy."""
+    B, H, T, d = q.shape
+    groups = H // k.shape[1]
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    Hkv = k.shape[1]
+    if mask.shape[1] == 1:
+        mask = mask.expand(-1, groups, -1, -1)
+    else:  # per-query-head bias (ALiBi): head h belongs to key/value head h // groups
+        mask = mask.view(mask.shape[0], Hkv, groups, T, mask.shape[-1])
+    mask = mask.reshape(mask.shape[0], -1, groups * T, mask.shape[-1])
+    y = F.scaled_dot_product_attention(q.reshape(B, Hkv, groups * T, d), k, v, attn_mask=mask, scale=scale)
+    return y.view(B, H, T, d)
+
+
 class SDPAKernel:
     """torch's scaled_dot_product_attention (flash / memory-efficient / math backends). Plain causal
     attention takes the `is_causal` fast path; other patterns pass a dense boolean mask, and additive score
-    modifiers (ALiBi) a float mask: their bias, -inf where masked, built once per call."""
+    modifiers (ALiBi) a float mask: their bias, -inf where masked, built once per call (see sdpa_masked)."""
 
     def __call__(self, q, k, v, pattern, ctx, scale, score_mods=()):
         if score_mods:
@@ -44,14 +64,14 @@ class SDPAKernel:
                 return KERNELS["eager"](q, k, v, pattern, ctx, scale, score_mods)
             bias = ctx.cached(("bias", pattern, score_mods, q.shape[1], q.dtype),
                               lambda: ctx.dense_bias(pattern, score_mods, q.shape[1]).to(q.dtype))
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=True)
+            return sdpa_masked(q, k, v, bias, scale)
         plain = isinstance(pattern, Causal) and ctx.q_doc is None
         if plain and ctx.q_offset == 0 and ctx.q_len == ctx.kv_len:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        if plain and ctx.q_len == 1:  # one new token sees the whole cache
+        if plain and ctx.q_len == 1 and not ctx.fixed_shape:  # one new token sees the whole cache
             return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
         mask = ctx.cached(("dense", pattern), lambda: ctx.dense(pattern))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        return sdpa_masked(q, k, v, mask, scale)
 
 
 class FlexKernel:
@@ -59,6 +79,18 @@ class FlexKernel:
     strided and document masks skip whole blocks of work. Compiled on CUDA; eager elsewhere."""
 
     _compiled = None
+
+    @classmethod
+    def attention_fn(cls, device_type: str):
+        """The flex_attention to call: inside a traced region (a compiled training step) the raw function,
+        which the surrounding compile fuses; outside one on CUDA, a compiled kernel made once. It is never
+        made inside a trace, where `torch.compile(fn)` returns `fn` itself and would be kept as if compiled
+        (every later eager call would then run FlexAttention's unfused O(T^2) reference)."""
+        if device_type != "cuda" or torch.compiler.is_compiling():
+            return flex_attention
+        if cls._compiled is None:
+            cls._compiled = torch.compile(flex_attention)  # dynamic shapes after a first recompile (decode grows kv_len)
+        return cls._compiled
 
     def __call__(self, q, k, v, pattern, ctx, scale, score_mods=()):
         if ctx.fixed_shape:  # a compiled decode step: a block mask rebuilt every step would cost more than
@@ -70,25 +102,35 @@ class FlexKernel:
         B = None if ctx.q_doc is None else q.shape[0]
         block_mask = ctx.cached(("flex", pattern), lambda: create_block_mask(
             ctx.mask_mod(pattern), B, None, ctx.q_len, ctx.kv_len, device=q.device))
-        attend = flex_attention
-        if q.device.type == "cuda":
-            if FlexKernel._compiled is None:
-                FlexKernel._compiled = torch.compile(flex_attention)  # dynamic shapes after a first recompile (decode grows kv_len)
-            attend = FlexKernel._compiled
         score_mod = ctx.cached(("score_mod", score_mods), lambda: ctx.score_mod(score_mods))
-        return attend(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True)
+        return self.attention_fn(q.device.type)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                                enable_gqa=True)
+
+
+def choose_kernel(device_type: str, pattern, q_len: int, kv_len: int, has_documents: bool,
+                  fixed_shape: bool = False) -> str:
+    """kernel=auto's choice, a pure function of (device, pattern, shapes, documents).
+
+    FlexAttention only on CUDA, only where its block mask skips work SDPA would need a dense mask for (a row
+    packing several documents, or a pattern that is not plain causal), and only for queries longer than one
+    token over more than one mask block: a one-token decoding step (with or without a cache) or a fixed-shape
+    compiled step takes SDPA, whose single mask row is cheaper than building a block mask per token."""
+    if device_type != "cuda" or fixed_shape or q_len == 1 or kv_len <= FLEX_BLOCK:
+        return "sdpa"
+    return "flex" if has_documents or not isinstance(pattern, Causal) else "sdpa"
+
+
+FLEX_BLOCK = 128  # FlexAttention's default block size: a shorter key axis has no blocks to skip
 
 
 class AutoKernel:
-    """The default: FlexAttention on CUDA where its block mask skips work SDPA would need a dense mask for
-    (a row packing several documents, or a pattern that is not plain causal), unless the shapes are a
-    compiled decode step's; SDPA otherwise (its causal fast path where it applies), so CPU runs and plain
-    causal rows keep SDPA's flash kernel."""
+    """The default: FlexAttention on CUDA where its block mask skips work (see choose_kernel), SDPA
+    otherwise (its causal fast path where it applies), so CPU runs and plain causal rows keep SDPA's flash
+    kernel."""
 
     @staticmethod
     def choose(q, pattern, ctx) -> str:
-        masked = ctx.q_doc is not None or not isinstance(pattern, Causal)
-        return "flex" if q.device.type == "cuda" and masked and not ctx.fixed_shape else "sdpa"
+        return choose_kernel(q.device.type, pattern, ctx.q_len, ctx.kv_len, ctx.q_doc is not None, ctx.fixed_shape)
 
     def __call__(self, q, k, v, pattern, ctx, scale, score_mods=()):
         return KERNELS[self.choose(q, pattern, ctx)](q, k, v, pattern, ctx, scale, score_mods)
@@ -101,6 +143,9 @@ def attend(module, q, k, v, ctx, scale):
     """Run `module.kernel` on (q, k, v) with its pattern and the call's and its own score modifiers, and
     note in `module.ran` the kernel that ran (what results.json records per layer under kernel=auto)."""
     kernel = KERNELS[module.kernel]
+    # One dtype for every kernel: under autocast the projections give bf16 but RoPE's float32 tables or
+    # QK-norm's float32 weights can promote q and k (flex_attention on torch <= 2.10 rejects mixed dtypes).
+    q, k = q.to(v.dtype), k.to(v.dtype)
     if not torch.compiler.is_compiling():  # an attribute write inside a compiled step would re-trace it
         module.ran = kernel.choose(q, module.pattern, ctx) if isinstance(kernel, AutoKernel) else module.kernel
     return kernel(q, k, v, module.pattern, ctx, scale, ctx.score_mods + module.score_mods)

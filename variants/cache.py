@@ -20,6 +20,10 @@ class KVCache:
         self.document_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.position_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.max_len, self.length = max_len, 0
+        # True once a call gave document ids (packed or padded prompts): later calls without ids then continue
+        # the last document; False: one plain sequence, whose decoding steps need no document mask at all
+        self.has_documents = False
+        self.owner = None  # the runner.decode.Decoder that last prefilled this cache, where one shares it
 
     @property
     def k(self):
@@ -44,7 +48,7 @@ class KVCache:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
     def reset(self):
-        self.length = 0
+        self.length, self.has_documents = 0, False
 
     def layer(self, index: int, slots=None) -> "LayerCache":
         return LayerCache(self, index, slots)
@@ -76,16 +80,20 @@ class KVCache:
 
     def record_at(self, slots, document_ids, position_ids):
         """The ids (B, T) of the tokens about to be written at `slots`, recorded before the layers attend."""
+        self.has_documents = True
         self.document_ids.index_copy_(1, slots, document_ids)
         self.position_ids.index_copy_(1, slots, position_ids)
 
     def mark_static(self):
         """Tell torch.compile the buffers keep their addresses (CUDA graphs then write them in place)."""
         for t in (*self.buffers.values(), self.document_ids, self.position_ids):
-            torch._dynamo.mark_static_address(t)
+            # no guard on the address (torch <= 2.9's default): a new cache must not recompile the step
+            torch._dynamo.mark_static_address(t, guard=False)
 
-    def advance(self, document_ids, position_ids):
-        """Record the ids of the tokens just written by every layer and move the write position on."""
+    def advance(self, document_ids, position_ids, documented: bool = True):
+        """Record the ids of the tokens just written by every layer and move the write position on;
+        `documented`: the call's document ids were given (or continued), not zeros standing in for none."""
+        self.has_documents = self.has_documents or documented
         T = document_ids.shape[1]
         self.document_ids[:, self.length:self.length + T] = document_ids
         self.position_ids[:, self.length:self.length + T] = position_ids

@@ -186,7 +186,7 @@ class TransformerLM(nn.Module):
             return self._forward_at_slots(input_ids, position_ids, document_ids, cache, cache_slots, return_hidden)
         B, T = input_ids.shape
         offset = cache.length if cache is not None else 0
-        if cache is not None and document_ids is None and offset > 0:
+        if cache is not None and document_ids is None and offset > 0 and cache.has_documents:
             document_ids = cache.document_ids[:, offset - 1:offset].expand(B, T)  # continue the last document
         if position_ids is None:
             if document_ids is not None:
@@ -207,7 +207,7 @@ class TransformerLM(nn.Module):
         x = self.norm(x)
         if cache is not None:
             docs = document_ids if document_ids is not None else torch.zeros_like(input_ids)
-            cache.advance(docs, position_ids)
+            cache.advance(docs, position_ids, documented=document_ids is not None)
         return x if return_hidden else self.lm_head(x)
 
     def _forward_at_slots(self, input_ids, position_ids, document_ids, cache, slots, return_hidden):

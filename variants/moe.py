@@ -29,7 +29,12 @@ class MoE(nn.Module):
         aux_loss_coef: weight of the load-balancing loss in `last_aux_loss` (Switch: 0.01).
 
     After each forward: `last_aux_loss` (scalar tensor, weighted), `last_expert_counts` (n_experts,) routing
-    assignments per expert, `last_dropped` (int) assignments dropped for capacity.
+    assignments per expert, `last_dropped` (scalar) assignments dropped for capacity; both are device tensors
+    (no host sync per step).
+
+    Compiled (training or the decode step), every expert runs on every token with a zero gate where the
+    token is not routed: one graph with static shapes and the eager result, at n_experts / top_k times the
+    expert FLOPs.
     """
 
     def __init__(self, d_model: int, n_experts: int = 8, top_k: int = 2, hidden_dim: int | None = None,
@@ -59,23 +64,40 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])  # (N, d)
         probs = self.router(flat).float().softmax(dim=-1)  # (N, E)
         weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
-        capacity = None
-        if self.capacity_factor is not None:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        # Routing as (N, E) tensors with no data-dependent shapes or host syncs, so it compiles in one graph.
+        assigned = F.one_hot(chosen, self.n_experts).sum(dim=1)  # (N, E): 1 where the token chose the expert
+        kept = assigned.bool()
+        if self.capacity_factor is not None:  # each expert keeps its first `capacity` tokens, in token order
             capacity = math.ceil(self.capacity_factor * flat.shape[0] * self.top_k / self.n_experts)
-        out = torch.zeros_like(flat)
-        counts, dropped = torch.zeros(self.n_experts, dtype=torch.long), 0
-        for e, expert in enumerate(self.experts):
-            token, slot = (chosen == e).nonzero(as_tuple=True)  # in token order
-            counts[e] = token.numel()
-            if capacity is not None and token.numel() > capacity:
-                dropped += token.numel() - capacity
-                token, slot = token[:capacity], slot[:capacity]
-            if token.numel():
-                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+            kept = kept & (assigned.cumsum(dim=0) <= capacity)
+        gates = torch.zeros_like(probs).scatter(1, chosen, weights) * kept  # (N, E): 0 where not served
+        gates = gates.to(x.dtype)
+        if torch.compiler.is_compiling():
+            out = self._dense(flat, gates)
+        else:
+            out = self._routed(flat, gates, kept)
         if self.shared is not None:
             out = out + self.shared(flat)
-        fraction = F.one_hot(chosen, self.n_experts).sum(dim=(0, 1)).float() / chosen.numel()  # f_e
+        fraction = assigned.sum(dim=0).float() / chosen.numel()  # f_e
         self.last_aux_loss = self.aux_loss_coef * self.n_experts * (fraction * probs.mean(dim=0)).sum()
-        self.last_expert_counts, self.last_dropped = counts, dropped
+        # device tensors: read them when logging, not every step
+        self.last_expert_counts, self.last_dropped = assigned.sum(dim=0), assigned.sum() - kept.sum()
         return out.view(shape)
+
+    def _routed(self, flat, gates, kept):
+        """Eager: each expert runs on the tokens it serves. An expert that serves none still runs (on zero
+        rows) so its parameters get a (zero) gradient: DDP sees no unused parameters."""
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token = kept[:, e].nonzero().squeeze(1)  # in token order
+            out.index_add_(0, token, expert(flat[token]) * gates[token, e, None])
+        return out
+
+    def _dense(self, flat, gates):
+        """Compiled: every expert on every token, weighted by its gate (0 where not routed): static shapes,
+        no graph break, the same result as `_routed`, at n_experts / top_k times the expert FLOPs."""
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            out = out + expert(flat) * gates[:, e, None]
+        return out

@@ -33,6 +33,14 @@ class ALiBi(NoPosition):
         return ALiBiBias(tuple(alibi_slopes(n_heads)))
 
 
+def check_positions(position_ids, max_seq_len: int):
+    """A clear error for a position past the table, where reading it costs nothing: on CPU, outside a
+    compiled graph. On an accelerator the check would be a host sync in every forward (the embedding's own
+    index check still fires there, less readably)."""
+    if position_ids.device.type == "cpu" and not torch.compiler.is_compiling() and position_ids.max() >= max_seq_len:
+        raise ValueError(f"position {int(position_ids.max())} >= max_seq_len={max_seq_len}")
+
+
 class LearnedPosition(nn.Module):
     """Learned absolute position embeddings (GPT-1/GPT-2)."""
 
@@ -42,9 +50,7 @@ class LearnedPosition(nn.Module):
         self.embedding = nn.Embedding(max_seq_len, d_model)
 
     def forward(self, x, position_ids):
-        # an index error deep in the kernel is hard to read (not checked inside a compiled graph: a host sync)
-        if not torch.compiler.is_compiling() and position_ids.max() >= self.max_seq_len:
-            raise ValueError(f"position {int(position_ids.max())} >= max_seq_len={self.max_seq_len}")
+        check_positions(position_ids, self.max_seq_len)
         return x + self.embedding(position_ids), None
 
 
@@ -62,8 +68,7 @@ class SinusoidalPosition(nn.Module):
         self.register_buffer("table", table, persistent=False)  # (max_seq_len, d_model)
 
     def forward(self, x, position_ids):
-        if not torch.compiler.is_compiling() and position_ids.max() >= self.max_seq_len:
-            raise ValueError(f"position {int(position_ids.max())} >= max_seq_len={self.max_seq_len}")
+        check_positions(position_ids, self.max_seq_len)
         return x + self.table[position_ids].to(x.dtype), None
 
 
@@ -189,7 +194,8 @@ def apply_rotary(x, cos, sin):
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     d = cos.shape[-1]
     x_rot, x_pass = x[..., :d], x[..., d:]
-    return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
+    # in x's dtype: float32 tables times bf16 q/k (autocast) would otherwise promote q and k, not v
+    return torch.cat([(x_rot * cos + rotate_half(x_rot) * sin).to(x.dtype), x_pass], dim=-1)
 
 
 def positions_from_documents(document_ids, prev_document=None, prev_position=None):
