@@ -68,22 +68,41 @@ def _plain_head(model):
     return None if hasattr(weight, "full_tensor") else weight
 
 
-CHUNK_BYTES = 32 * 2 ** 20  # float32 logits held at once by chunked_cross_entropy
+CHUNK_BYTES = 32 * 2 ** 20  # float32 logits held at once by chunked_cross_entropy on a CPU
+ACCELERATOR_CHUNK_BYTES = 2 ** 30  # on a GPU: at most 1 GiB of logits per chunk, and about four chunks
+ACCELERATOR_CHUNKS = 4
+
+
+def chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
+    """Rows of logits per chunk. On a CPU, CHUNK_BYTES' worth (the memory figure in the README). On a GPU
+    a few large chunks: each chunk is two GEMMs and a read-modify-write of the (V, d) weight gradient, and
+    ~100 chunks of ~166 rows (32 MiB at V=50,304) cost about half of a 124M model's step there."""
+    per_row = 4 * vocab
+    if torch.device(device).type == "cpu":
+        return max(1, CHUNK_BYTES // per_row)
+    return max(1, min(-(-n_rows // ACCELERATOR_CHUNKS), ACCELERATOR_CHUNK_BYTES // per_row))
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """LM head + cross-entropy a chunk of rows at a time, the gradients computed in the same pass (as
     Liger's fused linear cross-entropy does): what is saved for backward is d(hidden) and d(weight), never
-    the (N, V) logits. hidden (N, d), weight (V, d), labels (N,) -> the summed loss over real targets."""
+    the (N, V) logits. hidden (N, d), weight (V, d), labels (N,) -> the summed loss over real targets.
+    `dtype`: the matmuls' dtype (autocast's, or the hidden states'); the weight is cast to it once."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk: int, needs_grad: bool):
+    def forward(ctx, hidden, weight, labels, chunk: int, needs_grad: bool, dtype: torch.dtype):
+        with torch.autocast(hidden.device.type, enabled=False):  # the casts below are explicit
+            return _ChunkedCrossEntropy._forward(ctx, hidden, weight, labels, chunk, needs_grad, dtype)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, labels, chunk, needs_grad, dtype):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        w = weight.to(dtype)  # once, not per chunk
         for start in range(0, hidden.shape[0], chunk):
-            h, y = hidden[start:start + chunk], labels[start:start + chunk]
-            logits = (h @ weight.t().to(h.dtype)).float()  # (c, V), the only logits alive
+            h, y = hidden[start:start + chunk].to(dtype), labels[start:start + chunk]
+            logits = (h @ w.t()).float()  # (c, V), the only logits alive
             valid = y != IGNORE
             target = y.clamp(min=0)
             lse = logits.logsumexp(dim=-1)
@@ -92,8 +111,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 probs = (logits - lse[:, None]).exp_()
                 probs[torch.arange(len(y), device=y.device), target] -= 1
                 probs *= valid[:, None]
-                grad_hidden[start:start + chunk] = (probs.to(h.dtype) @ weight.to(h.dtype)).to(hidden.dtype)
-                grad_weight += probs.t() @ h.float()
+                grad_hidden[start:start + chunk] = (probs.to(dtype) @ w).to(hidden.dtype)
+                if dtype == torch.float32:
+                    grad_weight.addmm_(probs.t(), h)  # accumulated inside the GEMM: no (V, d) temporary
+                else:
+                    grad_weight += (probs.t().to(dtype) @ h).float()
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total
@@ -101,19 +123,23 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total.to(grad_weight.dtype), None, None, None
+        return (grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total.to(grad_weight.dtype),
+                None, None, None, None)
 
 
 def chunked_cross_entropy(hidden, weight, labels, reduction: str = "mean", chunk: int | None = None):
     """F.cross_entropy(hidden @ weight.T, labels, ignore_index=IGNORE) with float32 logits, computed
-    `chunk` rows at a time (default: CHUNK_BYTES of logits) so the whole batch's never exist at once."""
+    `chunk` rows at a time (default: chunk_rows for the device) so the whole batch's never exist at once.
+    Under autocast the head's matmuls run in autocast's dtype, as an autocast nn.Linear would."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r} must be mean or sum")
-    chunk = chunk or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    chunk = chunk or chunk_rows(hidden.shape[0], weight.shape[0], hidden.device)
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     # decided out here: inside forward grad mode is always off, and an evaluation under no_grad (whose
     # weight still requires grad) must not pay for gradients
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    total = _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk, needs_grad)
+    total = _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk, needs_grad, dtype)
     # mean over real targets; 0/0 = nan with no targets, as F.cross_entropy gives
     return total / (labels != IGNORE).sum() if reduction == "mean" else total
 

@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from runner.compute import IGNORE, chunked_cross_entropy, next_token_loss, resolve_compile
+from runner.compute import CHUNK_BYTES, IGNORE, chunk_rows, chunked_cross_entropy, next_token_loss, resolve_compile
 from runner.train import checkpoint_blocks
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("chunk", [1, 7, 64])
+@pytest.mark.parametrize("chunk", [1, 7, 36, 37, 64])
 def test_chunked_cross_entropy_equals_the_plain_one(reduction, chunk):
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 16, generator=g, requires_grad=True)
@@ -22,6 +22,33 @@ def test_chunked_cross_entropy_equals_the_plain_one(reduction, chunk):
     torch.testing.assert_close(ours, plain)
     for a, b in zip(torch.autograd.grad(ours * 1.7, (hidden, weight)), torch.autograd.grad(plain * 1.7, (hidden, weight))):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_chunks_are_small_on_cpu_and_few_on_an_accelerator():
+    assert chunk_rows(16384, 50304, torch.device("cpu")) == CHUNK_BYTES // (4 * 50304)  # 166 rows, ~99 chunks
+    rows = chunk_rows(16384, 50304, torch.device("cuda"))
+    assert -(-16384 // rows) == 4  # GPT-2 124M, 16 x 1024 tokens: four chunks of 1 GiB or less
+    assert rows * 4 * 50304 <= 2 ** 30
+    assert chunk_rows(10 ** 6, 50304, torch.device("cuda")) * 4 * 50304 <= 2 ** 30  # capped, however many rows
+    assert chunk_rows(3, 50304, torch.device("cuda")) == 1
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 40])
+def test_chunked_cross_entropy_under_bf16_autocast_matches_the_autocast_linear(chunk):
+    """Under autocast the head's matmuls run in bf16 (weight cast once), the softmax in float32: the loss and
+    gradients of an autocast nn.Linear followed by F.cross_entropy on float32 logits."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, 16, generator=g, requires_grad=True)
+    weight = torch.randn(30, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 30, (40,), generator=g)
+    labels[::7] = IGNORE
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = chunked_cross_entropy(hidden, weight, labels, chunk=chunk)
+        plain = F.cross_entropy((hidden @ weight.t()).float(), labels, ignore_index=IGNORE)
+    torch.testing.assert_close(ours, plain, atol=2e-2, rtol=1e-2)
+    for a, b in zip(torch.autograd.grad(ours, (hidden, weight)), torch.autograd.grad(plain, (hidden, weight))):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=3e-2)
 
 
 @pytest.mark.parametrize("tie_embeddings", [False, True])
