@@ -16,6 +16,7 @@ import math
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,7 @@ class Dist:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    wait_group: object = None  # a gloo group with a long timeout, for waiting on rank 0's data build
 
     @property
     def enabled(self) -> bool:
@@ -70,7 +72,7 @@ def init_process_group() -> None:
         dist.init_process_group("gloo")
 
 
-def setup(mode: str, device: str = "auto") -> Dist:
+def setup(mode: str, device: str = "auto", wait_timeout_s: float = 7200) -> Dist:
     """The process group and this rank's device, from torchrun's environment and train.distributed.
 
     train.distributed=ddp|fsdp in a single process (no torchrun) runs as a plain single-process job, with a
@@ -100,21 +102,28 @@ def setup(mode: str, device: str = "auto") -> Dist:
     else:
         torch_device = torch.device(device if device != "auto" else "cpu")
     init_process_group()
-    return Dist(mode, rank, local_rank, world_size, torch_device)
+    # NCCL's collectives time out after 10 minutes: too short for rank 0 tokenizing a large corpus while the
+    # others wait. They wait in a barrier of their own gloo group instead (wait_for_main), whose timeout is
+    # train.data_wait_timeout_s; training's collectives keep NCCL's default, which catches real hangs.
+    wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_timeout_s))
+    return Dist(mode, rank, local_rank, world_size, torch_device, wait_group)
 
 
-def wrap(model: nn.Module, d: Dist) -> nn.Module:
+def wrap(model: nn.Module, d: Dist, compute_dtype: torch.dtype | None = None) -> nn.Module:
     """DDP: a full replica per rank, gradients all-reduced in backward. FSDP2: parameters sharded across
-    ranks, one all-gather per transformer block (then the root for embeddings, final norm and head)."""
+    ranks, one all-gather per transformer block (then the root for embeddings, final norm and head).
+    compute_dtype (train.dtype's autocast dtype, bf16 on CUDA): FSDP2 all-gathers the parameters in it and
+    reduce-scatters gradients in float32 (without a policy both would move float32, twice the bytes)."""
     if not d.enabled:
         return model
     if d.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None)
     for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model
 
 
@@ -150,9 +159,36 @@ def broadcast(obj, d: Dist):
     return box[0]
 
 
-def barrier(d: Dist) -> None:
+def wait_for_main(d: Dist) -> None:
+    """A barrier that rank 0 reaches after a long job of its own (building the data cache): on the gloo
+    wait group, so it lasts up to train.data_wait_timeout_s instead of NCCL's 10 minutes."""
     if d.enabled:
-        dist.barrier()
+        dist.barrier(group=d.wait_group)
+
+
+class StopVote:
+    """Whether any rank was signalled (Ctrl-C, SIGTERM, SLURM's warning), agreed by every rank without a host
+    sync per step: each step adds its flag to the step's loss all-reduce (a device tensor, `flag`), and the
+    sum is read one step later (`should_stop`), when the device has finished that step. Every rank reads the
+    same step's sum, so all stop at the same step (checkpointing is collective). One process: the signal
+    itself, at once."""
+
+    def __init__(self, d: Dist):
+        self.d, self.pending = d, []
+
+    def flag(self, received: bool) -> torch.Tensor:
+        # made on the device (a fill, not a host-to-device copy, which would wait for the queue)
+        return (torch.ones if received else torch.zeros)((), device=self.d.device)
+
+    def record(self, reduced_flag: torch.Tensor) -> None:
+        self.pending.append(reduced_flag)
+
+    def should_stop(self, received: bool) -> bool:
+        if not self.d.enabled:
+            return received
+        if len(self.pending) < 2:  # the last step's sum may still be in flight: read the one before it
+            return False
+        return bool(self.pending.pop(0) > 0)
 
 
 def close(d: Dist, ok: bool) -> None:

@@ -29,13 +29,16 @@ def evaluate(model, batches, device, autocast_dtype=None) -> dict:
     """batches: iterable of dicts with input_ids, labels, position_ids, document_ids (B, T)."""
     was_training = model.training
     model.eval()
-    nll, tokens = 0.0, 0
+    # summed on the device and read once at the end: no host sync per batch
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (nll sum, real targets)
     # a bar only for an evaluation that lasts (delay): the final one over the whole split, task=eval
     for batch in tqdm(batches, desc="evaluate", unit="batch", delay=3, leave=False, dynamic_ncols=True):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        nll += batch_loss(model, batch, reduction="sum", dtype=autocast_dtype).item()
-        tokens += int((batch["labels"] != IGNORE).sum())
+        totals[0] += batch_loss(model, batch, reduction="sum", dtype=autocast_dtype).to(totals.dtype)
+        totals[1] += (batch["labels"] != IGNORE).sum()
     model.train(was_training)
+    nll, tokens = totals.tolist()
+    tokens = int(tokens)
     if tokens == 0:
         raise ValueError("validation split has no real targets: is the corpus too small for data.seq_len?")
     loss = nll / tokens

@@ -92,7 +92,7 @@ def main(cfg: DictConfig):
             check_train_config(cfg)
             if is_main:  # rank 0 holds the checkpoints
                 require_checkpoint_to_resume(cfg, out_dir)
-        dist = distributed.setup(cfg.train.distributed, cfg.train.device)
+        dist = distributed.setup(cfg.train.distributed, cfg.train.device, cfg.train.get("data_wait_timeout_s", 7200))
         run.on_close(lambda status: distributed.close(dist, ok=status in ("ok", "interrupted")))
         run.start_logger()
         trainer = Trainer(cfg, run.results, run.logger, out_dir, dist)
@@ -117,10 +117,10 @@ class Trainer:
         torch.manual_seed(t.seed)  # the same on every rank: identical initial weights
 
         if not dist.is_main:
-            distributed.barrier(dist)  # rank 0 tokenizes and fills the data cache first; the others read it
+            distributed.wait_for_main(dist)  # rank 0 tokenizes and fills the data cache first; the others read it
         self.data = build_data(cfg)
         if dist.is_main:
-            distributed.barrier(dist)
+            distributed.wait_for_main(dist)
         if cfg.model.get("vocab_size") is None:
             with open_dict(cfg):
                 cfg.model.vocab_size = self.data.tokenizer.vocab_size
@@ -134,7 +134,7 @@ class Trainer:
         self.autocast = autocast_dtype(t.dtype, device, next(model.parameters()).dtype)
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
         results.update(flops_per_token=self.flops_per_token)
-        self.model = distributed.wrap(model, dist)  # DDP or FSDP2 under torchrun; the model itself otherwise
+        self.model = distributed.wrap(model, dist, self.autocast)  # DDP or FSDP2 under torchrun; the model itself otherwise
         if t.get("activation_checkpointing"):
             checkpoint_blocks(model)
         compiled = resolve_compile(t.compile, device)  # auto: on CUDA
@@ -208,15 +208,15 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    mininterval=1.0, disable=not dist.is_main)
-        stop_seen = False  # across ranks: every rank must stop at the same step (checkpointing is collective)
+        vote = distributed.StopVote(dist)  # across ranks: every rank must stop at the same step
         with StopSignal(distributed.cluster_signals()) as stop:
             while not self.budget_spent():
-                if stop_seen if dist.enabled else stop.received:
+                if vote.should_stop(stop.received is not None):
                     path = self.checkpoint()
                     raise Interrupted(f"{stop.received or 'a signal to another rank'} at step {self.step}: checkpoint "
                                       f"{path}; resume with: {resume_command(self.out_dir)}", stop)
                 started = time.perf_counter()
-                step_loss, aux, grad_norm, stop_seen = self.optimizer_step(stop)
+                step_loss, aux, grad_norm = self.optimizer_step(stop, vote)
                 self.step += 1  # the loss of step `self.step` (1-based), as a non-finite loss's error names it
                 self.train_seconds += time.perf_counter() - started
                 self.window["time"] += time.perf_counter() - started
@@ -233,10 +233,10 @@ class Trainer:
             return self.step >= self.max_steps
         return distributed.broadcast(self.train_seconds >= self.t.max_seconds, self.dist)
 
-    def optimizer_step(self, stop: StopSignal) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, bool]:
+    def optimizer_step(self, stop: StopSignal, vote) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """One optimizer step over grad_accum micro-batches. Returns (the step's mean loss and auxiliary loss,
-        on the device: they are read at log steps; the gradient norm before clipping; whether any rank has been
-        signalled to stop)."""
+        on the device: they are read at log steps; the gradient norm before clipping). Under torchrun the
+        step's all-reduce also carries this rank's stop flag to `vote` (distributed.StopVote)."""
         t, dist, device = self.t, self.dist, self.device
         loss_sum, aux_sum = torch.zeros((), device=device), None
         for a, loader in enumerate(self.loaders):
@@ -248,11 +248,10 @@ class Trainer:
             loss_sum += loss.detach()
             if aux is not None:
                 aux_sum = aux.detach() + (0 if aux_sum is None else aux_sum)
-        stop_seen = stop.received is not None
         if dist.enabled:  # the mean loss over all ranks' micro-batches, and whether any rank was signalled
-            reduced = distributed.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(stop_seen), device=device)]),
-                                                 dist)
-            loss_sum, stop_seen = reduced[0] / dist.world_size, bool(reduced[1] > 0)
+            reduced = distributed.all_reduce_sum(torch.stack([loss_sum, vote.flag(stop.received is not None)]), dist)
+            loss_sum = reduced[0] / dist.world_size
+            vote.record(reduced[1])
         step_loss = loss_sum / t.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
@@ -260,7 +259,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return step_loss, None if aux_sum is None else aux_sum / t.grad_accum, grad_norm, stop_seen
+        return step_loss, None if aux_sum is None else aux_sum / t.grad_accum, grad_norm
 
     def read_losses(self):
         """Read the pending steps' losses from the device (one transfer) into the window. A non-finite loss

@@ -237,3 +237,40 @@ def test_launcher_configs_compose():
         cfg = hydra_compose("config", overrides=["launcher=slurm", "hydra.launcher.gpus_per_node=4"],
                             return_hydra_config=True)
     assert cfg.hydra.launcher.tasks_per_node == 4  # one process per GPU
+
+
+def test_ranks_wait_for_rank_0s_data_on_a_gloo_group_with_the_configured_timeout(monkeypatch):
+    """NCCL's 10-minute default would kill a job whose rank 0 tokenizes a large corpus: the wait is a barrier
+    on a gloo group of its own, with train.data_wait_timeout_s."""
+    from datetime import timedelta
+    from runner import distributed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(distributed, "init_process_group", lambda: None)
+    groups, barriers = [], []
+    monkeypatch.setattr(distributed.dist, "new_group", lambda **kw: groups.append(kw) or "the wait group")
+    monkeypatch.setattr(distributed.dist, "barrier", lambda group=None: barriers.append(group))
+    d = distributed.setup("ddp", "cpu", wait_timeout_s=5400)
+    assert groups == [{"backend": "gloo", "timeout": timedelta(seconds=5400)}]
+    distributed.wait_for_main(d)
+    assert barriers == ["the wait group"]
+    assert compose([]).train.data_wait_timeout_s >= 3600  # the default outlasts a long corpus build
+
+
+def test_stop_vote_reads_each_steps_sum_one_step_late_and_the_same_on_every_rank():
+    """No host sync per step: the flag summed in step s's all-reduce is read at the start of step s + 2, so
+    every rank (reading the same sums) stops at the same step; one process stops at once."""
+    from runner import distributed
+    ranks = [distributed.StopVote(distributed.Dist("ddp", r, r, 2)) for r in range(2)]
+    signalled_at = 3  # rank 1 receives SIGTERM during step 3
+    stopped = {}
+    for step in range(1, 8):
+        for r, vote in enumerate(ranks):
+            if r not in stopped and vote.should_stop(r == 1 and step > signalled_at):
+                stopped[r] = step
+        flags = [vote.flag(r == 1 and step >= signalled_at) for r, vote in enumerate(ranks)]
+        for vote in ranks:
+            vote.record(sum(flags))  # what the all-reduce hands every rank
+    assert stopped == {0: signalled_at + 2, 1: signalled_at + 2}
+    single = distributed.StopVote(distributed.Dist())
+    assert single.should_stop(True) and not single.should_stop(False)
