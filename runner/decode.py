@@ -26,6 +26,19 @@ _COMPILED: dict = {}  # (which, mode) -> the torch.compile'd call, shared by eve
 _STATIC_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _normal(t):
+    """A tensor made under torch.inference_mode carries other dispatch keys than a normal one, and the compiled
+    step guards on them: a caller inside inference_mode (the transformers comparison) would recompile it."""
+    return t.clone() if t is not None and t.is_inference() else t
+
+
+# Every Decoder method runs outside inference mode, without autograd: its cache and counters are normal tensors
+# whoever calls (in-place updates of inference tensors outside inference mode fail), and the graphs see one mode.
+def _outside_inference_mode(fn):
+    return torch.inference_mode(False)(torch.no_grad()(fn))
+
+
+@_outside_inference_mode
 def static_cache(model, batch_size: int, max_len: int, dtype=None, device=None):
     """The model's static cache for (batch_size, max_len, dtype, device): the last one when its shape matches,
     else a new one (replacing it), marked static for torch.compile without address guards (torch 2.9 guards
@@ -46,6 +59,16 @@ def _call(model, cache, ids, slots, positions, docs):
     return model(ids, position_ids=positions, document_ids=docs, cache=cache, cache_slots=slots)[:, -1]  # (B, V)
 
 
+# Two functions, not one: dynamo keeps its graphs per code object, so a shared one would count the step's
+# first compile as a recompile of the prefill, and check every step against the prefill's guards first.
+def _prefill_call(model, cache, ids, slots, positions, docs):
+    return _call(model, cache, ids, slots, positions, docs)
+
+
+def _step_call(model, cache, ids, slots, positions, docs):
+    return _call(model, cache, ids, slots, positions, docs)
+
+
 def _compiled(which: str, device_type: str):
     """The prefill (default mode: its shape follows the prompt) or the step (CUDA graphs on CUDA)."""
     mode = "reduce-overhead" if which == "step" and device_type == "cuda" else None
@@ -54,7 +77,8 @@ def _compiled(which: str, device_type: str):
         # One traced graph per model architecture, batch size and cache length: a process that decodes
         # many variants (a sweep's benchmarks, the tests) would pass dynamo's default of 8 per function.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _COMPILED[key] = torch.compile(_call, mode=mode, fullgraph=which == "step")
+        fn = _step_call if which == "step" else _prefill_call
+        _COMPILED[key] = torch.compile(fn, mode=mode, fullgraph=which == "step")
     return _COMPILED[key]
 
 
@@ -64,6 +88,7 @@ class Decoder:
     Decoders of the same model and shape share one cache (static_cache), so a new Decoder neither
     recompiles nor re-records the step; the last to prefill owns it, and an older one's step then fails."""
 
+    @_outside_inference_mode
     def __init__(self, model, batch_size: int, max_len: int, dtype=None, device=None, compile: bool = False):
         self.model, self.compile = model, compile
         self.cache = static_cache(model, batch_size, max_len, dtype, device)
@@ -76,16 +101,17 @@ class Decoder:
         fn = _compiled(which, self.device.type) if self.compile else _call
         if self.compile and which == "step" and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been read
-        return fn(self.model, self.cache, ids, slots, positions, docs)
+        return fn(self.model, self.cache, _normal(ids), slots, positions, docs)
 
+    @_outside_inference_mode
     def prefill(self, ids, document_ids=None, position_ids=None):
         """Encode ids (B, P) from an empty cache; returns the last column's logits (B, V). Positions
         restart at every document (document_ids; default: one document per row), as model.forward does."""
         B, P = ids.shape
         if P > self.cache.max_len:
             raise ValueError(f"the prompt has {P} tokens; the decoder's cache holds {self.cache.max_len}")
-        docs = torch.zeros_like(ids) if document_ids is None else document_ids
-        positions = positions_from_documents(docs) if position_ids is None else position_ids
+        docs = torch.zeros_like(ids) if document_ids is None else _normal(document_ids)
+        positions = positions_from_documents(docs) if position_ids is None else _normal(position_ids)
         self.cache.reset()
         self.cache.owner = self
         slots = torch.arange(P, device=self.device)
@@ -95,6 +121,7 @@ class Decoder:
         self.positions, self.documents = positions[:, -1:] + 1, docs[:, -1:].clone()  # continue the last document
         return logits
 
+    @_outside_inference_mode
     def step(self, token):
         """One token per row, token (B,) or (B, 1), at the next slot; returns its logits (B, V)."""
         if self.positions is None:

@@ -40,10 +40,11 @@ def build_reference(model, dtype, device):
 
 
 def reference_comparison(model, dtype, device, prompt_length: int, new_tokens: int, timer,
-                         compiled: bool = False) -> dict:
+                         compiled: bool = False, static: bool = True) -> dict:
     """max_logit_diff, and the ratios of forward time, prefill and decode tokens/s and peak memory.
     compiled: our decode also runs compiled (runner/decode.py), the faster of the two is `decode_speed_ratio`'s,
-    and transformers' static cache with its compiled forward is measured too (`decode_speed_ratio_static`)."""
+    and transformers' static cache with its compiled forward is measured too (`decode_speed_ratio_static`)
+    unless `static` is off (bench.reference_static: one more compile of the whole model)."""
     theirs = build_reference(model, dtype, device)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.vocab_size, (1, prompt_length), generator=gen).to(device)  # (1, P)
@@ -121,7 +122,8 @@ def reference_comparison(model, dtype, device, prompt_length: int, new_tokens: i
     out["decode_ours"] = "compiled" if ours == "ours_compiled" else "eager"
     out["decode_speed_ratio"] = decode["theirs"]["median_s"] / decode[ours]["median_s"]
     out["decode_speed_ratio_eager"] = decode["theirs"]["median_s"] / decode["ours"]["median_s"]
-    out.update(static_comparison(model, theirs, decoder, prompt, new_tokens, timer))
+    out.update(static_comparison(model, theirs, decoder, prompt, new_tokens, timer) if static else {
+        "decode_speed_ratio_static": None, "decode_speed_ratio_static_reason": "bench.reference_static=false"})
     memory.pop("ours_compiled", None)
     out["peak_memory_ratio"] = memory["ours"] / memory["theirs"] if memory["theirs"] else None
     out["peak_memory_bytes"] = memory

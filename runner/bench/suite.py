@@ -256,7 +256,8 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
         run_reference, reason = wants_reference(cfg)
         bench["reference"] = guarded(lambda: reference_comparison(
             im, dtype, device, min(sizes["reference_prompt_length"], im.max_seq_len // 2),
-            min(bc.new_tokens, im.max_seq_len // 2), timer, compiled), device) if run_reference else {
+            min(bc.new_tokens, im.max_seq_len // 2), timer, compiled, bc.get("reference_static", True)), device) \
+            if run_reference else {
             "status": "skipped", "reason": reason}
         update()
     if bc.run.kernels:
@@ -358,7 +359,7 @@ def summarize_suite(bench: dict, model, seq_len: int, device) -> None:
     bench["memory_bandwidth"] = bandwidth
     bound = bandwidth / bench["weight_bytes"] if bandwidth and bench.get("weight_bytes") else None
     bench["decode_bandwidth_bound_tokens_per_s"] = bound
-    for p in cached:
+    for p in cached + list(compiled.values()):
         p["fraction_of_bandwidth_bound"] = p["tokens_per_s"] / (p["batch_size"] * bound) if bound else None
     bench["decode_fraction_of_bandwidth_bound"] = (
         headline["tokens_per_s"] / (headline["batch_size"] * bound) if bound and headline else None)
