@@ -281,29 +281,73 @@ def test_suite_on_cuda_reports_mfu_and_the_bandwidth_bound():
     assert next(model.parameters()).dtype == torch.float32 and next(model.parameters()).is_cuda  # restored
 
 
-def test_the_prepared_gpu_command_composes():
-    """runner/bench/BENCH.md's one GPU command: every `python run.py` in it composes (keys exist, values
-    parse, the checks a run makes before any work pass), so the few device minutes are not lost to a typo."""
-    import re
-    import shlex
+GPU_SCRIPTS = ("gpu_smoke.sh", "gpu_tables.sh")
 
+
+def gpu_script_runs(script: str, tiny: bool) -> dict[str, list[str]]:
+    """The `python3 run.py` overrides each run of a GPU script makes, as the script prints them with GPU_CHECK=1."""
+    env = {**os.environ, "GPU_CHECK": "1", "GPU_TINY": "1" if tiny else "0"}
+    out = subprocess.run(["bash", str(ROOT / "runner" / "bench" / script)], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    return {line.split("\t")[0]: line.split("\t")[1:] for line in out.splitlines()}
+
+
+@pytest.mark.parametrize("tiny", [False, True], ids=["gpu_sizes", "tiny"])
+@pytest.mark.parametrize("script", GPU_SCRIPTS)
+def test_gpu_scripts_compose_and_pass_the_pre_run_checks(script, tiny):
+    """Every run of runner/bench/gpu_smoke.sh and gpu_tables.sh composes (keys exist, values parse) and passes
+    the checks its task makes before any work, at the GPU sizes too: a typo must not cost a GPU slot."""
     from conftest import compose
     from runner.build import check_model_config
+    from runner.compute import resolve_compile
     from runner.train import check_train_config
 
-    doc = (ROOT / "runner" / "bench" / "BENCH.md").read_text()
-    block = re.search(r"## On a GPU.*?```bash\n(.*?)```", doc, re.S).group(1)
-    script = block.replace("\\\n", " ").replace("$c", "true")
-    commands = [c.split("||")[0] for c in re.split(r"&&|;\s*do|;\s*done", script) if "python run.py" in c]
-    assert len(commands) == 4
-    for command in commands:
-        overrides = [a for a in shlex.split(command.split("python run.py", 1)[1]) if not a.startswith("hydra.")]
+    runs = gpu_script_runs(script, tiny)
+    expected = {"gpu_smoke.sh": {"default_train", "phi3_decode", "moe_compiled", "gpt2_124m_step"},
+                "gpu_tables.sh": {"phi3_mini_decode", "gpt2_124m_train_compile_false", "gpt2_124m_train_compile_true",
+                                  "attention_kernels"}}[script]
+    assert set(runs) == expected
+    for name, overrides in runs.items():
         cfg = compose(overrides)
         check_model_config(cfg.model)
+        assert cfg.train.device == ("auto" if tiny else "cuda"), name  # a GPU run must not measure a CPU quietly
         if cfg.task == "train":
             check_train_config(cfg)
         else:
-            assert cfg.task == "bench"
+            assert cfg.task == "bench", name
+            resolve_compile(cfg.bench.compile, "cpu")
+            assert cfg.model.get("vocab_size") is not None, name
+    if script == "gpu_tables.sh":  # eager and compiled training: the same model and vocabulary, only compile differs
+        eager, compiled = (compose(runs[f"gpt2_124m_train_compile_{c}"]) for c in ("false", "true"))
+        assert eager.model == compiled.model and eager.train.compile is False and compiled.train.compile is True
+        if not tiny:
+            assert eager.model.vocab_size == 50304 and eager.model.d_model == 768 and eager.data.seq_len == 1024
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", GPU_SCRIPTS)
+def test_gpu_scripts_run_end_to_end_at_tiny_sizes(script, tmp_path, cache_dir):
+    """The whole script on this machine's device at tiny sizes: every run succeeds, each results.json reaches
+    OUT, the log holds TORCH_LOGS' output, and the summary has the tables a GPU slot would commit."""
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_TINY": "1", "OUT": str(out), "GPU_WORK": str(tmp_path / "work"), "PY": sys.executable,
+           "VARIANTS_CACHE_DIR": str(cache_dir)}
+    done = subprocess.run(["bash", str(ROOT / "runner" / "bench" / script)], env=env, capture_output=True, text=True,
+                          timeout=1200)
+    name = script.removesuffix(".sh")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + (out / f"{name}.log").read_text()[-5000:]
+    runs = set(gpu_script_runs(script, tiny=True))
+    for run in runs:
+        record = json.loads((out / run / "results.json").read_text())
+        assert record["status"] == "ok", (run, record.get("error"))
+    steps = [row.split("\t") for row in (out / "steps.tsv").read_text().splitlines()]
+    assert {row[0] for row in steps} == runs and all(row[1] == "0" for row in steps)
+    assert json.loads((out / "versions.json").read_text())["torch"] == torch.__version__
+    summary = (out / "summary.md").read_text()
+    assert all(f"| {run} | 0 |" in summary for run in runs)
+    sections = {"gpu_smoke.sh": ["### Training", "### Decode", "### Against transformers"],
+                "gpu_tables.sh": ["### Training", "### Decode", "### Against transformers", "### Attention kernels"]}
+    assert all(section in summary for section in sections[script])
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -316,3 +360,39 @@ def test_the_prepared_gpu_command_composes():
 def test_bench_compile_auto(overrides, expected):
     from conftest import compose
     assert bench_module.bench_compiles(compose(overrides), torch.device("cpu")) is expected
+
+
+def test_gpu_report_counts_recompiles_and_graph_breaks_per_run():
+    """Lines as TORCH_LOGS=recompiles,graph_breaks prints them (torch 2.13), attributed to the run whose
+    `=== name (cap ...)` header precedes them."""
+    from runner.bench.gpu_report import log_counts
+    log = "\n".join([
+        "=== default_train (cap 150s): python3 run.py train.max_steps=40",
+        "V1204 17:56:04.242000 6438 torch/_dynamo/guards.py:5396] [0/1] [__recompiles] Recompiling function "
+        "_flex_attention_hop_wrapper in torch/nn/attention/flex_attention.py:2497",
+        "V1204 17:56:04.242000 6438 torch/_dynamo/guards.py:5396] [0/1] [__recompiles]     triggered by the "
+        "following guard failure(s):",
+        "=== default_train: exit 0 in 23s",
+        "=== moe_compiled (cap 120s): python3 run.py model/ffn=moe",
+        "V1204 17:59:10.356000 7190 torch/_dynamo/symbolic_convert.py:610] [1/0] [__graph_breaks] Graph break in "
+        "user code at variants/moe.py:91",
+        "V1204 17:59:11.356000 7190 torch/_dynamo/symbolic_convert.py:610] [2/0] [__graph_breaks] Graph break in "
+        "user code at variants/moe.py:91",
+    ])
+    assert log_counts(log) == {"default_train": {"recompiles": 1, "graph_breaks": 0},
+                               "moe_compiled": {"recompiles": 0, "graph_breaks": 2}}
+
+
+def test_gpu_script_past_its_deadline_skips_the_remaining_runs_and_fails(tmp_path):
+    """GPU_DEADLINE_S bounds a script whatever its compiles cost: runs that would start past it are skipped,
+    recorded as such, and the script exits non-zero (the summary is still written)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_TINY": "1", "GPU_DEADLINE_S": "0", "OUT": str(out), "GPU_WORK": str(tmp_path / "w"),
+           "PY": sys.executable}
+    done = subprocess.run(["bash", str(ROOT / "runner" / "bench" / "gpu_smoke.sh"), "default", "phi3"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    rows = [row.split("\t") for row in (out / "steps.tsv").read_text().splitlines()]
+    assert rows == [["default_train", "skipped", "0"], ["phi3_decode", "skipped", "0"]]  # only the sections asked
+    assert "| default_train | skipped |" in (out / "summary.md").read_text()
+    assert not (tmp_path / "w" / "default_train").exists()
