@@ -200,7 +200,8 @@ def load_model_and_tokenizer(cfg, device):
         except FileNotFoundError as err:
             raise FileNotFoundError(f"generate.weights={err}") from None
         source = f"training checkpoint {path}"
-    return model.eval(), tokenizer, source
+    model.eval().fuse_projections()  # q/k/v and gate/up as one GEMM each: decoding reads every weight per token
+    return model, tokenizer, source
 
 
 def continuation(tok: PromptTokenizer, prompt_ids, new_ids) -> str:

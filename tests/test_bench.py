@@ -25,7 +25,7 @@ FIELDS = ["train_tokens_per_s", "mfu", "prefill_tokens_per_s", "decode_tokens_pe
           "flops_per_token", "peak_flops", "weight_bytes", "decode_fraction_of_bandwidth_bound",
           "decode_bandwidth_bound_tokens_per_s", "val_ppl", "val_loss", "val_tokens", "train", "prefill", "decode",
           "kernels", "reference", "compile", "decode_tokens_per_s_compiled", "compile_speedup",
-          "decode_bandwidth_utilization"]
+          "decode_bandwidth_utilization", "fused_projections"]
 REFERENCE_FIELDS = ["forward_time_ratio", "prefill_speed_ratio", "decode_speed_ratio", "peak_memory_ratio",
                     "max_logit_diff", "logits_agree", "greedy_match_fraction"]
 # null where bench.compile is off (the default on CPU), with a reason

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from .fusion import FusedProjections
 from .masks import AttentionContext, Causal, SlidingWindow
 from .position import apply_rotary
 from .scores import SoftCap
@@ -151,7 +152,7 @@ def attend(module, q, k, v, ctx, scale):
     return kernel(q, k, v, module.pattern, ctx, scale, ctx.score_mods + module.score_mods)
 
 
-class Attention(nn.Module):
+class Attention(FusedProjections, nn.Module):
     """Multi-head self-attention with `n_kv_heads` key/value heads.
 
     Args:
@@ -169,6 +170,8 @@ class Attention(nn.Module):
         qk_norm: RMSNorm over head_dim on every query and key head before RoPE (OLMo 2, Gemma 3), so the
             logits cannot grow with the weights.
     """
+
+    fusable_projections = {"qkv": ("q_proj", "k_proj", "v_proj")}
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
                  kernel: str = "auto", window: int | None = None, pattern=None, bias: bool = False,
@@ -208,9 +211,10 @@ class Attention(nn.Module):
     def forward(self, x, rotary=None, ctx=None, cache=None):
         """x: (B, T, d_model); rotary: (cos, sin) or None; ctx: AttentionContext; cache: a LayerCache."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project("qkv", x)  # one GEMM once fused (variants/fusion.py)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:

@@ -9,6 +9,8 @@ parameter count (3 matrices of d x 8d/3 ~ 2 matrices of d x 4d) and a comparison
 import torch.nn.functional as F
 from torch import nn
 
+from .fusion import FusedProjections
+
 ACTIVATIONS = {
     "relu": F.relu,
     "relu2": lambda x: F.relu(x).square(),  # squared ReLU (So et al. 2021, Primer)
@@ -45,8 +47,10 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.up_proj(x)))
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(FusedProjections, nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU with activation="silu", GeGLU with "gelu"."""
+
+    fusable_projections = {"gate_up": ("gate_proj", "up_proj")}
 
     def __init__(self, d_model: int, hidden_dim: int | None = None, activation: str = "silu",
                  multiple_of: int = 32, bias: bool = False):
@@ -59,4 +63,5 @@ class GatedMLP(nn.Module):
         self.down_proj.is_residual_projection = True
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.project("gate_up", x)  # one GEMM once fused (variants/fusion.py)
+        return self.down_proj(self.act(gate) * up)

@@ -99,6 +99,12 @@ class TransformerLM(nn.Module):
                 module.reset_parameters()
 
     # -- the public face the runner uses ---------------------------------------------------------------
+    def fuse_projections(self) -> int:
+        """For inference: every part with projections of one input (q/k/v, gate/up: any module with a
+        `fuse_projections` method, a user's own part too) runs them as one GEMM in eval mode, with the same
+        parameters and memory (variants/fusion.py). Returns how many groups were fused."""
+        return sum(m.fuse_projections() for m in self.modules() if m is not self and hasattr(m, "fuse_projections"))
+
     def attention_modules(self) -> list[nn.Module]:
         """The self-attention module of every layer, in order (each has n_heads, n_kv_heads, head_dim and,
         for ours, kernel and pattern)."""

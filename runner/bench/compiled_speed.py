@@ -5,6 +5,7 @@ training step with the chunked loss vs whole-batch logits (each in its own proce
     python -m runner.bench.compiled_speed decode      # the decode table and the training rates
     python -m runner.bench.compiled_speed chunked     # peak RSS of one step, chunked LM head + cross-entropy
     python -m runner.bench.compiled_speed full        # the same with whole-batch float32 logits
+    python -m runner.bench.compiled_speed fusion      # decode tokens/s with q/k/v and gate/up fused vs separate
 """
 import json
 import resource
@@ -61,6 +62,32 @@ def train_rates(model, repeats=7, steps=10, B=16, T=128):
     row.update(compile_warmup_s=round(warm, 1), spread={k: [round(min(v)), round(max(v))] for k, v in out.items()})
     print(json.dumps({"train": row}), flush=True)
 
+def fusion_table(name, model, new=64, repeats=7):
+    """Greedy generate() of the same weights with separate and fused projections (variants/fusion.py),
+    eager and compiled, the four interleaved in each repeat."""
+    import copy
+    fused = copy.deepcopy(model)
+    groups = fused.fuse_projections()
+    prompt = torch.randint(1, model.vocab_size, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+    runs = {f"{kind}_{mode}": partial(generate, m, prompt, max_new_tokens=new, compile=mode == "compiled")
+            for kind, m in (("separate", model), ("fused", fused)) for mode in ("eager", "compiled")}
+    with torch.no_grad():
+        for fn in runs.values():  # compile and warm up
+            fn()
+        assert runs["fused_eager"]() == runs["separate_eager"]()  # the same tokens
+        out = {k: [] for k in runs}
+        for _ in range(repeats):
+            for k, fn in runs.items():
+                out[k].append(timeit(fn, new))
+    row = {k: round(statistics.median(v)) for k, v in out.items()}
+    row.update(name=name, params=model.num_params(), fused_groups=groups,
+               fused_over_separate={mode: round(row[f"fused_{mode}"] / row[f"separate_{mode}"], 3)
+                                    for mode in ("eager", "compiled")},
+               spread={k: [round(min(v)), round(max(v))] for k, v in out.items()})
+    print(json.dumps(row), flush=True)
+    return row
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     what = sys.argv[1]
@@ -76,6 +103,10 @@ if __name__ == "__main__":
             m = build_model(cfg.model, torch.device("cpu")).eval()
             decode_table(f"phi3 preset, vocab {vocab}", m, build_reference(m, torch.float32, "cpu"))
         train_rates(TransformerLM(4096, 128, 4, 4, 256, attention=partial(Attention, n_kv_heads=2)).train())
+    elif what == "fusion":
+        fusion_table("default preset shape (gqa_rope, d 128, 4 layers, vocab 4096)",
+                     TransformerLM(4096, 128, 4, 4, 256, attention=partial(Attention, n_kv_heads=2)).eval())
+        fusion_table("wider (MHA, d 1024, 4 layers, vocab 4096)", TransformerLM(4096, 1024, 4, 16, 256).eval())
     else:  # memory: one training step at vocab 32064, 2 x 1024 tokens; chunked (default) or full logits
         import runner.compute as compute
         model = TransformerLM(32064, 128, 4, 4, 1024, attention=partial(Attention, n_kv_heads=2)).train()

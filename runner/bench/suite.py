@@ -243,6 +243,8 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
                                           train_step))
         update()
     with inference_model(model, dtype, device) as im:
+        # q/k/v and gate/up as one GEMM each (variants/fusion.py), as gpt-fast decodes; training is unaffected
+        bench["fused_projections"] = im.fuse_projections() if hasattr(im, "fuse_projections") else 0
         bench["weight_bytes"] = sum(p.numel() * p.element_size() for p in im.parameters())
         if bc.run.prefill:
             part("prefill")
