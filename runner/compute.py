@@ -45,18 +45,18 @@ def next_token_loss(model, input_ids, labels, position_ids=None, document_ids=No
     reduction: "mean" over real targets (training) or "sum" (evaluation adds up over batches and ranks).
     The logits are float32 for the softmax (bf16 logits lose the small probabilities), a chunk of rows at a
     time (chunked_cross_entropy) when the model hands out its hidden states and a plain LM head."""
-    head = _plain_head(model)
+    inner = _plain_head(model)
     with autocast(input_ids.device, dtype):
         out = model(input_ids, position_ids=position_ids, document_ids=document_ids,
-                    **({"return_hidden": True} if head is not None else {}))
-        if head is not None:
-            return chunked_cross_entropy(out.flatten(0, 1), head, labels.flatten(), reduction)
+                    **({"return_hidden": True} if inner is not None else {}))
+        if inner is not None:
+            return chunked_cross_entropy(out.flatten(0, 1), head_weight(inner), labels.flatten(), reduction)
     return F.cross_entropy(out.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction=reduction)
 
 
 def _plain_head(model):
-    """The LM head's weight (V, d) when the model (under DDP / torch.compile wrappers) is a TransformerLM
-    with a bias-free head whose weight is an ordinary tensor (not an FSDP shard); else None."""
+    """The TransformerLM inside the model's wrappers (DDP, FSDP2, torch.compile) when its LM head is a plain
+    bias-free Linear that chunked_cross_entropy can stand in for; else None."""
     from variants import TransformerLM
 
     inner = getattr(model, "_orig_mod", model)
@@ -64,8 +64,16 @@ def _plain_head(model):
     inner = getattr(inner, "_orig_mod", inner)
     if not isinstance(inner, TransformerLM) or inner.lm_head.bias is not None:
         return None
+    return inner
+
+
+def head_weight(inner) -> torch.Tensor:
+    """The LM head's weight (V, d), read after the model's forward: under FSDP2 the root module (embeddings,
+    final norm, head) keeps its parameters gathered from its forward until backward, so this is the full
+    weight, and its gradient is reduce-scattered with the root's. Should it still be a shard (a DTensor), its
+    differentiable all-gather."""
     weight = inner.lm_head.weight
-    return None if hasattr(weight, "full_tensor") else weight
+    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
 
 
 CHUNK_BYTES = 32 * 2 ** 20  # float32 logits held at once by chunked_cross_entropy on a CPU

@@ -274,3 +274,14 @@ def test_stop_vote_reads_each_steps_sum_one_step_late_and_the_same_on_every_rank
     assert stopped == {0: signalled_at + 2, 1: signalled_at + 2}
     single = distributed.StopVote(distributed.Dist())
     assert single.should_stop(True) and not single.should_stop(False)
+
+
+def test_fsdp_training_loss_takes_the_chunked_head_with_one_process_gradients():
+    """Under FSDP2 the head's weight is a shard outside forward: the loss reads it after the forward (the root
+    keeps it gathered until backward). Loss and every gradient equal one process's whole-batch cross-entropy
+    (tests/fsdp_loss_probe.py, on two gloo ranks)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "fsdp_loss_probe.py")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert out.stdout.count("ok chunked=1") == 2
