@@ -29,6 +29,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors on the device. To CUDA through pinned memory: a copy from pageable memory waits for
+    the stream first (a host sync per step); pinned, it is queued and the host runs ahead (nanoGPT's pin_memory)."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def resolve_compile(setting, device) -> bool:
     """train.compile, generate.compile, bench.compile: true, false or auto = on CUDA only. There compiled
     graphs (and for decoding, CUDA graphs) remove per-op launch overhead; on CPU the compile time (tens of

@@ -166,29 +166,34 @@ def wait_for_main(d: Dist) -> None:
         dist.barrier(group=d.wait_group)
 
 
-class StopVote:
-    """Whether any rank was signalled (Ctrl-C, SIGTERM, SLURM's warning), agreed by every rank without a host
-    sync per step: each step adds its flag to the step's loss all-reduce (a device tensor, `flag`), and the
-    sum is read one step later (`should_stop`), when the device has finished that step. Every rank reads the
-    same step's sum, so all stop at the same step (checkpointing is collective). One process: the signal
-    itself, at once."""
+class StepVote:
+    """What every rank must agree on before a step, without a host sync per step: whether any rank was
+    signalled (Ctrl-C, SIGTERM, SLURM's warning) and whether rank 0's clock has spent train.max_seconds.
+    Each step adds both flags to its loss all-reduce (`flags`, a device tensor), and the sums are read one
+    step later (`read`), when the device has finished that step. Every rank reads the same step's sums, so all
+    stop at the same step (checkpointing is collective), one step after the signal or the time budget.
+    One process: its own signal and clock, at once."""
 
     def __init__(self, d: Dist):
         self.d, self.pending = d, []
 
-    def flag(self, received: bool) -> torch.Tensor:
-        # made on the device (a fill, not a host-to-device copy, which would wait for the queue)
-        return (torch.ones if received else torch.zeros)((), device=self.d.device)
+    def flags(self, received: bool, time_up: bool) -> torch.Tensor:
+        """(2,): this rank's signal flag and, from rank 0 only, its time-budget flag."""
+        # made on the device (fills, not a host-to-device copy, which would wait for the queue)
+        return torch.stack([(torch.ones if on else torch.zeros)((), device=self.d.device)
+                            for on in (received, time_up and self.d.is_main)])
 
-    def record(self, reduced_flag: torch.Tensor) -> None:
-        self.pending.append(reduced_flag)
+    def record(self, reduced_flags: torch.Tensor) -> None:
+        self.pending.append(reduced_flags)
 
-    def should_stop(self, received: bool) -> bool:
+    def read(self, received: bool, time_up: bool) -> tuple[bool, bool]:
+        """(any rank signalled, rank 0's time budget spent)."""
         if not self.d.enabled:
-            return received
-        if len(self.pending) < 2:  # the last step's sum may still be in flight: read the one before it
-            return False
-        return bool(self.pending.pop(0) > 0)
+            return received, time_up
+        if len(self.pending) < 2:  # the last step's sums may still be in flight: read the one before it
+            return False, False
+        signalled, spent = self.pending.pop(0).tolist()
+        return signalled > 0, spent > 0
 
 
 def close(d: Dist, ok: bool) -> None:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from runner.build import build_model, check_model_config, record_model, resolve_device
 from runner.checkpoint import load_model_weights
-from runner.compute import IGNORE, autocast_dtype, batch_loss
+from runner.compute import IGNORE, autocast_dtype, batch_loss, to_device
 from runner.task import config_checks, task_run
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def evaluate(model, batches, device, autocast_dtype=None) -> dict:
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (nll sum, real targets)
     # a bar only for an evaluation that lasts (delay): the final one over the whole split, task=eval
     for batch in tqdm(batches, desc="evaluate", unit="batch", delay=3, leave=False, dynamic_ncols=True):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, torch.device(device))
         totals[0] += batch_loss(model, batch, reduction="sum", dtype=autocast_dtype).to(totals.dtype)
         totals[1] += (batch["labels"] != IGNORE).sum()
     model.train(was_training)

@@ -25,7 +25,7 @@ from runner.sweep import finished_record
 from runner.build import build_model, check_model_config, record_model
 from runner.checkpoint import (RESUME_KEYS, latest_checkpoint, load_latest_readable, rng_state, save_checkpoint,
                                set_rng_state)
-from runner.compute import autocast_dtype, aux_loss, batch_loss, resolve_compile
+from runner.compute import autocast_dtype, aux_loss, batch_loss, resolve_compile, to_device
 from runner.evaluate import evaluate, require_checkpoint_tokenizer
 from runner.task import Interrupted, StopSignal, config_checks, task_run
 from runner.formatting import format_bytes
@@ -208,10 +208,13 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    mininterval=1.0, disable=not dist.is_main)
-        vote = distributed.StopVote(dist)  # across ranks: every rank must stop at the same step
+        vote = distributed.StepVote(dist)  # across ranks: every rank must stop at the same step
         with StopSignal(distributed.cluster_signals()) as stop:
-            while not self.budget_spent():
-                if vote.should_stop(stop.received is not None):
+            while True:
+                signalled, time_up = vote.read(stop.received is not None, self.time_spent())
+                if self.steps_spent() or time_up:
+                    break
+                if signalled:
                     path = self.checkpoint()
                     raise Interrupted(f"{stop.received or 'a signal to another rank'} at step {self.step}: checkpoint "
                                       f"{path}; resume with: {resume_command(self.out_dir)}", stop)
@@ -224,23 +227,27 @@ class Trainer:
                 self.window["steps"] += 1
                 self.between_steps(grad_norm, bar)
                 bar.update(1)
+        if self.window["steps"]:  # a time budget ends between log steps: its last window
+            self.log_train_point(grad_norm, bar)
         bar.close()
 
-    def budget_spent(self) -> bool:
-        """Steps (bought by train.max_steps, max_tokens or max_flops) or train.max_seconds of optimizer steps;
-        under torchrun rank 0's clock decides for all, so that every rank stops at the same step."""
-        if self.max_steps is not None:
-            return self.step >= self.max_steps
-        return distributed.broadcast(self.train_seconds >= self.t.max_seconds, self.dist)
+    def steps_spent(self) -> bool:
+        """The step budget (train.max_steps, or the steps max_tokens / max_flops buy) is spent."""
+        return self.max_steps is not None and self.step >= self.max_steps
+
+    def time_spent(self) -> bool:
+        """train.max_seconds of optimizer steps on this rank's clock (under torchrun rank 0's decides for all,
+        through distributed.StepVote, one step late)."""
+        return self.max_steps is None and self.train_seconds >= self.t.max_seconds
 
     def optimizer_step(self, stop: StopSignal, vote) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """One optimizer step over grad_accum micro-batches. Returns (the step's mean loss and auxiliary loss,
         on the device: they are read at log steps; the gradient norm before clipping). Under torchrun the
-        step's all-reduce also carries this rank's stop flag to `vote` (distributed.StopVote)."""
+        step's all-reduce also carries this rank's stop and time flags to `vote` (distributed.StepVote)."""
         t, dist, device = self.t, self.dist, self.device
         loss_sum, aux_sum = torch.zeros((), device=device), None
         for a, loader in enumerate(self.loaders):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
+            batch = to_device(next(loader), device)
             with distributed.gradient_sync(self.model, sync=a == len(self.loaders) - 1):  # all-reduce once per step
                 loss = batch_loss(self.forward_model, batch, dtype=self.autocast)
                 aux = aux_loss(self.model)  # MoE load balancing: trained, reported apart from the loss
@@ -249,9 +256,10 @@ class Trainer:
             if aux is not None:
                 aux_sum = aux.detach() + (0 if aux_sum is None else aux_sum)
         if dist.enabled:  # the mean loss over all ranks' micro-batches, and whether any rank was signalled
-            reduced = distributed.all_reduce_sum(torch.stack([loss_sum, vote.flag(stop.received is not None)]), dist)
+            flags = vote.flags(stop.received is not None, self.train_seconds >= (t.max_seconds or float("inf")))
+            reduced = distributed.all_reduce_sum(torch.cat([loss_sum[None], flags]), dist)
             loss_sum = reduced[0] / dist.world_size
-            vote.record(reduced[1])
+            vote.record(reduced[1:])
         step_loss = loss_sum / t.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
@@ -286,7 +294,7 @@ class Trainer:
     def between_steps(self, grad_norm, bar):
         """Log the window, evaluate and checkpoint at their intervals."""
         t, step = self.t, self.step
-        last = self.budget_spent()
+        last = self.steps_spent()  # a time budget's last step is known only after it (StepVote)
         if step % t.log_every == 0 or last:
             self.log_train_point(grad_norm, bar)
         if t.eval_every and step % t.eval_every == 0 and not last:

@@ -86,3 +86,12 @@ def test_time_budget_decays_with_the_clock(tmp_path, cache_dir):
         if prev["step"] >= 2:
             assert f(p["seconds"] / 3) - 1e-12 <= p["lr"] <= f(prev["seconds"] / 3) + 1e-12, (prev, p)
     assert curve[-1]["lr"] < f(curve[-2]["seconds"] / 3) + 1e-12 < 1e-3
+
+
+def test_time_budget_logs_its_last_window_between_log_steps(tmp_path, cache_dir):
+    """A time budget's last step is known only after it (under torchrun the ranks learn it a step late): the
+    steps since the last log point still make a final point of the training curve."""
+    run(["hydra.run.dir=run", "train.max_seconds=2", "train.max_steps=null", "train.eval_every=0",
+         "train.log_every=100000", "train.checkpoint_every=0"], tmp_path, cache_dir)
+    r = results(tmp_path / "run")
+    assert r["status"] == "ok" and r["curves"]["train"][-1]["step"] == r["metrics"]["steps"] > 0

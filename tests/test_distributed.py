@@ -257,23 +257,39 @@ def test_ranks_wait_for_rank_0s_data_on_a_gloo_group_with_the_configured_timeout
     assert compose([]).train.data_wait_timeout_s >= 3600  # the default outlasts a long corpus build
 
 
-def test_stop_vote_reads_each_steps_sum_one_step_late_and_the_same_on_every_rank():
-    """No host sync per step: the flag summed in step s's all-reduce is read at the start of step s + 2, so
-    every rank (reading the same sums) stops at the same step; one process stops at once."""
+def test_step_vote_reads_each_steps_sums_one_step_late_and_the_same_on_every_rank():
+    """No host sync per step: the flags summed in step s's all-reduce are read at the start of step s + 2, so
+    every rank (reading the same sums) stops at the same step; only rank 0's clock counts for the time budget;
+    one process reads its own signal and clock at once."""
     from runner import distributed
-    ranks = [distributed.StopVote(distributed.Dist("ddp", r, r, 2)) for r in range(2)]
-    signalled_at = 3  # rank 1 receives SIGTERM during step 3
+    ranks = [distributed.StepVote(distributed.Dist("ddp", r, r, 2)) for r in range(2)]
+    signalled_at, rank1_clock_out = 3, 2  # rank 1 receives SIGTERM during step 3; its clock (ignored) runs out first
     stopped = {}
     for step in range(1, 8):
         for r, vote in enumerate(ranks):
-            if r not in stopped and vote.should_stop(r == 1 and step > signalled_at):
+            signalled, time_up = vote.read(r == 1 and step > signalled_at, False)
+            assert not time_up
+            if r not in stopped and signalled:
                 stopped[r] = step
-        flags = [vote.flag(r == 1 and step >= signalled_at) for r, vote in enumerate(ranks)]
+        flags = [vote.flags(r == 1 and step >= signalled_at, r == 1 and step >= rank1_clock_out)
+                 for r, vote in enumerate(ranks)]
         for vote in ranks:
             vote.record(sum(flags))  # what the all-reduce hands every rank
     assert stopped == {0: signalled_at + 2, 1: signalled_at + 2}
-    single = distributed.StopVote(distributed.Dist())
-    assert single.should_stop(True) and not single.should_stop(False)
+
+    ranks = [distributed.StepVote(distributed.Dist("ddp", r, r, 2)) for r in range(2)]
+    ended = {}
+    for step in range(1, 8):
+        for r, vote in enumerate(ranks):
+            if vote.read(False, r == 0 and step > 4)[1] and r not in ended:
+                ended[r] = step
+        flags = [vote.flags(False, step >= 4) for vote in ranks]
+        for vote in ranks:
+            vote.record(sum(flags))
+    assert ended == {0: 6, 1: 6}  # rank 0's clock ran out in step 4: every rank ends before step 6
+
+    single = distributed.StepVote(distributed.Dist())
+    assert single.read(True, False) == (True, False) and single.read(False, True) == (False, True)
 
 
 def test_fsdp_training_loss_takes_the_chunked_head_with_one_process_gradients():

@@ -266,3 +266,26 @@ def test_sdpa_masked_is_what_a_documented_context_runs():
     ctx = AttentionContext(6, 6, 0, docs, docs)
     out = KERNELS["sdpa"](q, k, v, Causal(), ctx, 0.35)
     torch.testing.assert_close(out, _naive_attention(q, k, v, ctx.dense(Causal()), 0.35), atol=1e-5, rtol=1e-5)
+
+
+def test_batches_reach_cuda_through_pinned_memory(monkeypatch):
+    """A host-to-device copy from pageable memory waits for the stream (a sync per step); pinned, it is queued.
+    Recorded with a stand-in device type: the rule, not the copy, is under test."""
+    from runner.compute import to_device
+    calls = []
+
+    class Recorded(torch.Tensor):
+        def pin_memory(self):
+            calls.append("pin")
+            return self
+
+        def to(self, *args, **kwargs):
+            calls.append(("to", kwargs.get("non_blocking", False)))
+            return torch.Tensor.to(torch.Tensor(self), "cpu")
+
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long).as_subclass(Recorded)}
+    out = to_device(batch, torch.device("cuda"))
+    assert calls == ["pin", ("to", True)] and type(out["input_ids"]) is torch.Tensor
+    calls.clear()
+    to_device(batch, torch.device("cpu"))
+    assert calls == [("to", False)]  # no pinning on a CPU run
