@@ -44,7 +44,12 @@ def build_model(model_cfg: DictConfig, device="cpu") -> torch.nn.Module:
     check_model_config(model_cfg)
     if not model_cfg.get("checkpoint") and model_cfg.get("vocab_size") is None:
         raise ValueError("model.vocab_size is null: set it, or tokenizer.vocab_size, or load the tokenizer first")
-    model = _instantiate(model_cfg)
+    device = torch.device(device)
+    if model_cfg.get("checkpoint") or device.type == "cpu":
+        model = _instantiate(model_cfg)
+    else:  # random weights drawn on the accelerator: Phi-3-mini's 3.8B would take a CPU tens of seconds (and 15 GB)
+        with device:
+            model = _instantiate(model_cfg)
     return model.to(device)
 
 
