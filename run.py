@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from runner import sweep  # light: no torch
 from runner import naming  # registers ${variants.dirname:...}: conf/config.yaml's run and sweep folder names
-from runner.task import config_checks, config_key, is_config_error
+from runner.task import config_checks, config_key, exit_code, is_config_error
 
 log = logging.getLogger(__name__)
 
@@ -81,3 +81,6 @@ if __name__ == "__main__":
         main()
     except sweep.SweepInterrupted as stop:  # a sweep stopped by Ctrl-C/SIGTERM: one line resumes it (runner/sweep.py)
         print(stop.hint())
+        sys.exit(exit_code() or 130)
+    if exit_code():  # stopped by a signal: 130 after Ctrl-C, 143 after SIGTERM, as a shell reports it
+        sys.exit(exit_code())

@@ -10,7 +10,8 @@
 results.json is written before the body runs and rewritten with the outcome whatever happens:
   ok            the body returned
   interrupted   Ctrl-C or SIGTERM (SIGTERM raises `Interrupted` anywhere outside the training loop, which
-                has its own step-boundary handler); a one-line message, no traceback, exit status 0
+                has its own step-boundary handler); a one-line message, no traceback, and run.py exits with
+                the shell's code for the signal (`exit_code()`: 130 after Ctrl-C, 143 after SIGTERM)
   oom / failed  any other exception, recorded and then re-raised (Hydra prints it; run.py prints an error
                 of the checks inside `config_checks()` in one line, without a traceback)
 Then the W&B run gets the status, the metrics and any benchmark tables, and finishes; the task's own
@@ -31,9 +32,25 @@ class Interrupted(BaseException):
     outside the training loop. A BaseException, like KeyboardInterrupt: code that carries on past an ordinary
     error (a benchmark point, a data worker) must not swallow a stop."""
 
-    def __init__(self, message: str, stop: "StopSignal | None" = None):
+    def __init__(self, message: str, stop: "StopSignal | None" = None, signal_name: str | None = None):
         super().__init__(message)
         self.stop = stop
+        self.signal_name = signal_name or (stop.received if stop is not None else None)
+
+
+_exit = {"code": None}  # set when a task is stopped by a signal; run.py exits with it
+
+
+def exit_code() -> int | None:
+    """128 + the number of the signal that stopped this process's last task (130 after Ctrl-C, 143 after
+    SIGTERM, as a shell reports a killed command), so scripts and schedulers tell it from a finished run."""
+    return _exit["code"]
+
+
+def note_stop(signal_name: str | None) -> None:
+    """Remember the stopping signal (a name like SIGTERM; None: SIGTERM, the stop of another rank or job)."""
+    name = {"Ctrl-C": "SIGINT", None: "SIGTERM"}.get(signal_name, signal_name)
+    _exit["code"] = 128 + signal.Signals[name].value
 
 
 @contextmanager
@@ -150,7 +167,7 @@ def _sigterm_raises_interrupted():
     """Make SIGTERM raise Interrupted (as Ctrl-C raises KeyboardInterrupt), so that a run stopped anywhere
     records `interrupted`; the training loop installs its own, step-boundary handler inside."""
     def handle(signum, frame):
-        raise Interrupted("SIGTERM")
+        raise Interrupted("SIGTERM", signal_name="SIGTERM")
     try:
         return signal.signal(signal.SIGTERM, handle)
     except ValueError:  # not the main thread
@@ -184,6 +201,7 @@ def task_run(cfg: DictConfig, task: str, print_summary=None, is_main: bool = Tru
         else:
             message = f"{str(err) or 'Ctrl-C'}: {task} stopped before it finished"
         results.data["error"] = {"type": "Interrupted", "message": message}
+        note_stop("SIGINT" if isinstance(err, KeyboardInterrupt) else err.signal_name)
         if is_main:
             print(f"\n{message}")
     except BaseException as err:

@@ -224,9 +224,9 @@ def test_a_second_run_into_a_live_run_directory_stops_at_once(tmp_path, cache_di
         assert results(tmp_path / "run")["status"] == "running"  # the first run's record, untouched
         assert first.poll() is None
     finally:
-        held.signal(signal.SIGTERM)  # stop the first at its next step: checkpoint, record, exit 0
+        held.signal(signal.SIGTERM)  # stop the first at its next step: checkpoint, record, exit 143
         _, stdout, stderr = held.finish()
-    assert first.returncode == 0, stderr[-3000:]
+    assert first.returncode == 143, stderr[-3000:]
     r = results(tmp_path / "run")
     assert r["status"] == "interrupted" and "step_" in r["error"]["message"]
     assert not (tmp_path / "run" / LOCK_NAME).exists()  # released: the directory is free for the resume

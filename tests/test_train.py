@@ -95,7 +95,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_curve(tmp_path
     held.wait_held()
     held.signal(signal.SIGTERM)  # inside the loop by construction: it stops at the next step boundary
     proc, stdout, stderr = held.finish()
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.returncode == 143, stderr[-3000:]  # 128 + SIGTERM: interrupted, not finished
     r = results(tmp_path / "run")
     assert r["status"] == "interrupted"
     ckpts = list((tmp_path / "run" / "checkpoints").glob("step_*.pt"))
@@ -124,7 +124,7 @@ def test_sigterm_after_the_loop_records_interrupted_with_the_final_checkpoint(tm
     held.wait_held()
     held.signal(signal.SIGTERM)
     proc, stdout, stderr = held.finish()
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.returncode == 143, stderr[-3000:]
     r = results(tmp_path / "run")
     assert r["status"] == "interrupted" and r["metrics"]["steps"] == 5
     assert "step_0000005.pt" in r["error"]["message"]  # the final weights were checkpointed before evaluation
