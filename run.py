@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -74,6 +75,9 @@ def share_run_stamp():
 
 
 if __name__ == "__main__":
+    from runner.choices import unknown_choice
+    if (problem := unknown_choice(sys.argv[1:], Path(__file__).resolve().parent / "conf")) is not None:
+        sys.exit(problem)  # one line on stderr, status 1, before Hydra (whose message lists every file)
     share_run_stamp()
     if {"-m", "--multirun"} & set(sys.argv[1:]):
         sweep.stop_between_jobs()

@@ -204,6 +204,15 @@ def load_model_and_tokenizer(cfg, device):
     return model, tokenizer, source
 
 
+def random_weights_notice(root="outputs") -> str:
+    """The line said before text from random weights: what it is, and the command for a trained model."""
+    from runner.resume import resumable_runs
+    latest = resumable_runs(root, limit=1)
+    how = (f"python run.py task=generate generate.weights={latest[0][0]} (with the model overrides it was trained with)"
+           if latest else "train one (python run.py), then python run.py task=generate generate.weights=outputs/runs/<run>")
+    return f"# random weights (no generate.weights, no model.checkpoint): the text below is noise. A trained model: {how}"
+
+
 def continuation(tok: PromptTokenizer, prompt_ids, new_ids) -> str:
     """The text that new_ids (end-of-text dropped) add to the prompt. Decoded after the prompt, because
     SentencePiece tokenizers (Phi-3's) drop a word's leading space when its token is decoded alone."""
@@ -246,6 +255,8 @@ def _generate(cfg, run) -> dict:
         prompts = [tok.chat_template(t) if g.get("chat") else tok.encode(t) for t in texts]
         check_prompt_fits(model, prompts, g.max_new_tokens)
     print(f"# {source}; tokenizer {tok.name}; {model.num_params():,} parameters on {device}", file=sys.stderr)
+    if not cfg.model.get("checkpoint") and not g.get("weights"):
+        print(random_weights_notice(), file=sys.stderr)
 
     if not g.temperature and (g.top_k or g.top_p):
         print("# generate.temperature=0 is greedy: top_k/top_p apply only when sampling", file=sys.stderr)

@@ -7,13 +7,13 @@
     train.resume=PATH    continue from that run directory or checkpoint file
 """
 import os
-import shlex
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from runner.checkpoint import latest_checkpoint
-from runner.naming import override
+from runner.naming import override, quote_override, run_py
+from runner.runlock import live_holder
 
 
 def requeued() -> bool:
@@ -44,7 +44,8 @@ def resume_command(out_dir, overrides: list[str] | None = None) -> str:
     saved from) with train.resume=true and the run's directory."""
     overrides = task_overrides() if overrides is None else overrides
     keep = [o for o in overrides if not o.lstrip("+~").startswith(("train.resume=", "hydra.run.dir="))]
-    return " ".join(["python run.py", *map(shlex.quote, keep), "train.resume=true", override("hydra.run.dir", out_dir)])
+    return " ".join([f"python {run_py()}", *map(quote_override, keep), "train.resume=true",
+                     override("hydra.run.dir", out_dir)])
 
 
 def resumable_runs(root="outputs", limit: int = 5) -> list[tuple[Path, Path]]:
@@ -69,8 +70,13 @@ def require_checkpoint_to_resume(cfg: DictConfig, out_dir) -> None:
     where = resume_source(resume, out_dir)
     if latest_checkpoint(where) is not None:
         return
-    runs = [f"  {run_dir} (step {int(ckpt.stem.split('_')[1])}): {resume_command(run_dir, _saved_overrides(run_dir))}"
-            for run_dir, ckpt in resumable_runs()]
+    runs = []
+    for run_dir, ckpt in resumable_runs():
+        step = int(ckpt.stem.split('_')[1])
+        holder = live_holder(run_dir)  # still training: not one to resume (it would be refused)
+        runs.append(f"  {run_dir} (step {step}): running, pid {holder.get('pid')} on {holder.get('host')} since "
+                    f"{holder.get('started_at')}" if holder else
+                    f"  {run_dir} (step {step}): {resume_command(run_dir, _saved_overrides(run_dir))}")
     setting = "true" if resume is True else resume
     raise ValueError(f"train.resume={setting} but {where} holds no checkpoint: name the run to continue with "
                      f"hydra.run.dir=<its folder> (or train.resume=<its folder>). " +

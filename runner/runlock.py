@@ -73,6 +73,12 @@ class RunLock:
             self.path.unlink(missing_ok=True)
 
 
+def live_holder(run_dir) -> dict | None:
+    """Who holds `run_dir`'s lock while that process may be alive (pid, host, started_at), else None."""
+    holder = _read(Path(run_dir) / LOCK_NAME)
+    return holder if holder is not None and _stale(holder, _this_process()) is None else None
+
+
 def _this_process() -> dict:
     pid = os.getpid()
     return {"pid": pid, "host": socket.gethostname(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

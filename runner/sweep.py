@@ -13,14 +13,13 @@ Launchers that run each job in its own process (submitit: launcher=local|slurm) 
 signal reaches one job, and train.resume=true with SLURM's requeue already continues it.
 """
 import json
-import shlex
 import signal
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from runner.naming import override
+from runner.naming import override, quote_override, run_py
 
 
 class SweepInterrupted(BaseException):
@@ -76,7 +75,7 @@ def resume_sweep_command(sweep_dir: str, argv: list[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else argv
     keep = [a for a in argv if a not in ("-m", "--multirun")
             and not a.lstrip("+~").startswith(("train.resume=", "hydra.sweep.dir="))]
-    return " ".join(["python run.py -m", *map(shlex.quote, keep), "train.resume=auto",
+    return " ".join([f"python {run_py()} -m", *map(quote_override, keep), "train.resume=auto",
                      override("hydra.sweep.dir", sweep_dir)])
 
 

@@ -34,6 +34,7 @@ from runner.runlock import RunLock
 from runner.tracking import PART_FAMILIES, Results, busy_machine_warning, machine_load, output_dir
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger("runner.progress")  # run.log only (conf/config.yaml): the terminal shows the bar
 
 
 def param_groups(model: nn.Module, weight_decay: float):
@@ -316,6 +317,8 @@ class Trainer:
             w["aux_loss"] = 0.0
         self.curves["train"].append(point)
         bar.set_postfix(loss=f"{point['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+        progress.info(f"step {self.step}: train loss {point['loss']:.4f}, lr {point['lr']:.3g}, grad norm "
+                      f"{point['grad_norm']:.3g}, {tok_s:,.0f} tokens/s")
         if self.logger:
             self.logger.log({f"train/{k}": v for k, v in point.items() if k != "step"}, self.step)
         w.update(time=0.0, loss=0.0, steps=0)
@@ -332,6 +335,7 @@ class Trainer:
                  "ppl": metrics["ppl"]}
         self.curves["val"].append(point)
         self.results.update(curves=self.curves)
+        progress.info(f"step {self.step}: val loss {metrics['loss']:.4f}, ppl {metrics['ppl']:.2f}")
         if self.logger:
             self.logger.log({"val/loss": metrics["loss"], "val/ppl": metrics["ppl"]}, self.step)
         return metrics

@@ -7,6 +7,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +23,10 @@ def test_job_dirname_reads_like_the_overrides_a_user_typed():
                        exclude_keys=["experiment"]) == "attention=mqa,seed=1"
     # group choices first; keys that would read alike keep their full name; no path separators in a name
     assert job_dirname(["train.batch_size=4", "eval.batch_size=8", "model=gpt2", "model.checkpoint=/a/b"]) == \
-        "model=gpt2,checkpoint=_a_b,eval.batch_size=8,train.batch_size=4"
+        "model=gpt2,checkpoint=b,eval.batch_size=8,train.batch_size=4"
+    # the user's spelling, no prompts, paths by their last part, lists without brackets
+    assert job_dirname(["train.bench=False", "prompt='def add(a, b):'", "data.paths=[/tmp/nc_one.txt]",
+                        "bench.gpu.batch_sizes=[1,8]"]) == "batch_sizes=1_8,bench=false,paths=nc_one.txt"
     long = job_dirname([f"model.k{i}={i}" for i in range(40)], max_length=30)
     assert len(long) <= 30 + len(",+40") and long.endswith(f",+{40 - long.count('=')}")
 
@@ -146,7 +150,8 @@ def test_an_over_long_prompt_is_the_same_clear_error_for_every_position_type(tmp
 def test_run_log_holds_the_job_log_and_the_summary_is_printed_last(tmp_path, cache_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # as a user meets W&B: no settings
     out = subprocess.run([sys.executable, str(ROOT / "run.py"), *TINY, f"cache_dir={cache_dir}", "hydra.run.dir=run",
-                          "logger=wandb", "train.max_steps=2"], cwd=tmp_path, capture_output=True, text=True,
+                          "logger=wandb", "train.max_steps=2", "train.log_every=1", "train.eval_every=1"],
+                         cwd=tmp_path, capture_output=True, text=True,
                          timeout=300, env={**env, "HOME": str(tmp_path)})  # no key, no netrc: offline
     assert out.returncode == 0, out.stderr[-3000:]
     log = (tmp_path / "run" / "run.log").read_text()
@@ -155,6 +160,10 @@ def test_run_log_holds_the_job_log_and_the_summary_is_printed_last(tmp_path, cac
     assert log.count("W&B") == 1 and "wandb:" not in out.stdout + out.stderr  # W&B itself says nothing
     assert out.stdout.rstrip().splitlines()[-1].startswith("results ")  # the run's summary comes last
     assert "training" in out.stderr and "training" not in out.stdout  # the log on stderr, stdout for results
+    # the losses as they are logged, in run.log alone (the terminal has the progress bar)
+    losses = [line for line in log.splitlines() if "train loss" in line or "val loss" in line]
+    assert [line.split("] ", 1)[1].split(":")[0] for line in losses] == ["step 1"] * 2 + ["step 2"] * 2, losses
+    assert "train loss" not in out.stderr and "val loss" not in out.stderr
 
 
 def test_a_requeued_slurm_job_without_a_checkpoint_starts_from_scratch_even_with_resume_true(tmp_path, cache_dir):
@@ -174,3 +183,67 @@ def test_timings_on_a_busy_machine_say_so(capsys):
         print_summary({"status": "ok", "cpu_load_average": load, "cpu_threads": 2, "output_dir": "x"})
         out = capsys.readouterr().out
         assert out.count(f"busy machine (load average {load:.1f} on 2 cores in use)") == (2 if busy else 0)
+
+
+def test_a_misspelled_choice_names_the_closest_presets_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "run.py"), "model=gqa_rpoe"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert "model=gqa_rpoe" in line and "did you mean model=gqa_rope" in line
+    assert "base" not in line.split("choose from", 1)[1]  # what presets build on is not a choice
+    assert not (tmp_path / "outputs").exists()  # nothing composed, no run folder
+
+
+def test_choice_check_covers_nested_groups_and_sweeps_and_leaves_hydra_syntax_alone():
+    from runner.choices import unknown_choice
+    conf = ROOT / "conf"
+    assert unknown_choice(["model=gqa_rope", "model/attention=mla", "train.lr=1e-3", "data=stdlib"], conf) is None
+    assert "model/attention=gqq" in unknown_choice(["model/attention=gqq"], conf)
+    assert "model=mha_rpe" in unknown_choice(["-m", "model=gqa_rope,mha_rpe"], conf)  # each name of a sweep
+    assert unknown_choice(["model=glob(*_rope)", "model/size=null", "hydra/launcher=submitit_slurm",
+                           "+experiment=attention"], conf) is None
+
+
+def test_resume_listing_marks_a_run_that_a_live_process_holds_as_running(tmp_path, monkeypatch):
+    """A run still training (its train.lock held by a live process) is not offered for resuming: it is marked
+    running, with the process that holds it; the free one keeps its command."""
+    from omegaconf import OmegaConf
+
+    from runner.checkpoint import save_checkpoint
+    from runner.resume import require_checkpoint_to_resume
+    from runner.runlock import RunLock
+    monkeypatch.chdir(tmp_path)
+    busy, free = (Path("outputs/runs/2026-01-01") / name for name in ("a_train", "b_train"))
+    for run_dir in (busy, free):
+        save_checkpoint(run_dir, 3, {"model": {}})
+    lock = RunLock.take(busy)  # this test's own process: alive
+    try:
+        with pytest.raises(ValueError) as err:
+            require_checkpoint_to_resume(OmegaConf.create({"train": {"resume": True}}), tmp_path / "new")
+    finally:
+        lock.release()
+    lines = {line.split(" (step")[0].strip(): line for line in str(err.value).splitlines()[1:]}
+    assert f"running, pid {os.getpid()}" in lines[str(busy)] and "train.resume=" not in lines[str(busy)]
+    assert "train.resume=true hydra.run.dir=" in lines[str(free)]
+
+
+@pytest.mark.parametrize("folder, word", [
+    ("/tmp/runs/plain", "hydra.run.dir=/tmp/runs/plain"),                                    # nothing to quote
+    ("/tmp/10-00-00_train_attention=mqa,seed=1", "\"hydra.run.dir='/tmp/10-00-00_train_attention=mqa,seed=1'\""),
+])
+def test_printed_overrides_are_quoted_no_more_than_the_shell_and_hydra_need(folder, word):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from runner.naming import override
+    assert override("hydra.run.dir", folder) == word
+    (parsed,) = OverridesParser.create().parse_overrides([shlex.split(word)[0]])  # what Hydra reads back
+    assert parsed.value() == folder
+
+
+def test_resume_command_names_run_py_as_it_was_invoked(monkeypatch):
+    from runner.resume import resume_command
+    monkeypatch.setattr(sys, "argv", ["/home/me/llm-variants/run.py", "model=mqa_rope"])
+    command = resume_command("/tmp/runs/a", ["model=mqa_rope", "prompt='def f(x):'"])
+    assert command == ("python /home/me/llm-variants/run.py model=mqa_rope \"prompt='def f(x):'\" train.resume=true "
+                       "hydra.run.dir=/tmp/runs/a")

@@ -144,7 +144,21 @@ def test_main_on_a_random_preset_with_an_hf_tokenizer(hf_tokenizer_dir, capsys):
                    "data.seq_len=64", "generate.max_new_tokens=5", "generate.temperature=0.8", "generate.top_k=20"])
     result = main(cfg)
     assert len(result["tokens"][0]) == 5 and result["completions"][0]
-    assert "random weights" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "random weights" in err and "the text below is noise" in err and "generate.weights=" in err
+
+
+def test_the_random_weights_notice_names_the_latest_trained_run(tmp_path):
+    from runner.checkpoint import save_checkpoint
+    from runner.generate import random_weights_notice
+    assert "train one (python run.py)" in random_weights_notice(tmp_path / "outputs")
+    older, newer = (tmp_path / "outputs" / "runs" / "2026-12-01" / name for name in ("09-00-00_train", "10-00-00_train"))
+    save_checkpoint(older, 3, {"model": {}})
+    save_checkpoint(newer, 3, {"model": {}})
+    import os
+    os.utime(next((older / "checkpoints").iterdir()), (1, 1))  # the other one is the newest, whatever the clock
+    notice = random_weights_notice(tmp_path / "outputs")
+    assert f"generate.weights={newer}" in notice and "the text below is noise" in notice
 
 
 def test_main_with_trained_weights_and_the_project_tokenizer(tmp_path, capsys):
