@@ -3,19 +3,23 @@
 Each task lives in its own runner module with a `main(cfg)` function; this file only composes the
 config and dispatches, so that `python run.py --cfg job ...` prints a config without importing torch.
 """
-import importlib
-import logging
-import os
-import sys
-import time
-from pathlib import Path
+from runner import startup  # light, first: a Ctrl-C from here until the task wrapper is one line, exit 130
 
-import hydra
-from omegaconf import DictConfig
+startup.guard()
 
-from runner import sweep  # light: no torch
-from runner import naming  # registers ${variants.dirname:...}: conf/config.yaml's run and sweep folder names
-from runner.task import config_checks, config_key, exit_code, is_config_error
+import importlib  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from runner import sweep  # noqa: E402 -- light: no torch
+from runner import naming  # noqa: E402 -- registers ${variants.dirname:...}: the run and sweep folder names
+from runner.task import config_checks, config_key, exit_code, is_config_error  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,9 @@ def main(cfg: DictConfig):
             if cfg.task not in TASKS:
                 raise ValueError(f"task={cfg.task!r} is not a task; choose one of {sorted(TASKS)}")
         sweep.job_started()
-        return importlib.import_module(TASKS[cfg.task]).main(cfg)
+        task = importlib.import_module(TASKS[cfg.task])
+        startup.hand_over()
+        return task.main(cfg)
     except (ValueError, TypeError) as err:
         if is_config_error(err):
             report_config_error(err)

@@ -247,3 +247,22 @@ def test_resume_command_names_run_py_as_it_was_invoked(monkeypatch):
     command = resume_command("/tmp/runs/a", ["model=mqa_rope", "prompt='def f(x):'"])
     assert command == ("python /home/me/llm-variants/run.py model=mqa_rope \"prompt='def f(x):'\" train.resume=true "
                        "hydra.run.dir=/tmp/runs/a")
+
+
+@pytest.mark.parametrize("resumed", [False, True], ids=["fresh", "existing_run"])
+def test_ctrl_c_while_starting_up_is_one_line_and_leaves_no_folder_without_a_record(tmp_path, cache_dir, resumed):
+    """Held where Hydra has made the job's folder but no task wrapper runs yet: exit 130, one line, no
+    traceback; a fresh folder (only Hydra's files) is removed, an existing run's folder is left as it was."""
+    if resumed:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "results.json").write_text('{"status": "interrupted"}')
+    held = HeldRun(tmp_path, "runner.sweep:job_started", [*TINY, f"cache_dir={cache_dir}", "hydra.run.dir=run"])
+    held.wait_held()
+    held.signal(signal.SIGINT)
+    proc, stdout, stderr = held.finish()
+    assert proc.returncode == 130 and "Traceback" not in stdout + stderr, stderr[-3000:]
+    assert "Ctrl-C while starting up: nothing ran" in stderr
+    if resumed:
+        assert (tmp_path / "run" / "results.json").read_text() == '{"status": "interrupted"}'
+    else:
+        assert not (tmp_path / "run").exists()
