@@ -19,7 +19,8 @@ from omegaconf import DictConfig  # noqa: E402
 
 from runner import sweep  # noqa: E402 -- light: no torch
 from runner import naming  # noqa: E402 -- registers ${variants.dirname:...}: the run and sweep folder names
-from runner.task import config_checks, config_key, exit_code, is_config_error  # noqa: E402
+from runner.exitcode import exit_code  # noqa: E402
+from runner.task import config_checks, config_key, is_config_error  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def main(cfg: DictConfig):
         task = importlib.import_module(TASKS[cfg.task])
         startup.hand_over()
         return task.main(cfg)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, FileNotFoundError) as err:
         if is_config_error(err):
             report_config_error(err)
         raise

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from runner.exitcode import note_stop
 from runner.naming import override, quote_override, run_py
 
 
@@ -50,7 +51,6 @@ def stop_between_jobs() -> None:
     """`python run.py -m`: SIGTERM or Ctrl-C outside a job (Hydra setting up the next one) stops the sweep too.
     Inside a job, the task wrapper and the training loop install their own handlers and restore this one."""
     def handle(signum, frame):
-        from runner.task import note_stop
         note_stop(signal.Signals(signum).name)
         raise SweepInterrupted(_current["sweep_dir"], None)
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 
 from omegaconf import DictConfig
 
+from runner.exitcode import note_stop
 from runner.tracking import Results, is_oom, start_logger
 
 
@@ -38,21 +39,6 @@ class Interrupted(BaseException):
         self.signal_name = signal_name or (stop.received if stop is not None else None)
 
 
-_exit = {"code": None}  # set when a task is stopped by a signal; run.py exits with it
-
-
-def exit_code() -> int | None:
-    """128 + the number of the signal that stopped this process's last task (130 after Ctrl-C, 143 after
-    SIGTERM, as a shell reports a killed command), so scripts and schedulers tell it from a finished run."""
-    return _exit["code"]
-
-
-def note_stop(signal_name: str | None) -> None:
-    """Remember the stopping signal (a name like SIGTERM; None: SIGTERM, the stop of another rank or job)."""
-    name = {"Ctrl-C": "SIGINT", None: "SIGTERM"}.get(signal_name, signal_name)
-    _exit["code"] = 128 + signal.Signals[name].value
-
-
 @contextmanager
 def config_checks():
     """Marks the ValueErrors (and constructors' TypeErrors) of the config checks inside as config errors, which
@@ -60,7 +46,7 @@ def config_checks():
     error keeps its type: results.json and the compare report name it as before."""
     try:
         yield
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, FileNotFoundError) as err:  # FileNotFoundError: a path the config names
         err.config_error = True
         raise
 

@@ -88,9 +88,11 @@ def main(cfg: DictConfig):
             run.on_close(lambda status: lock.release())
         run.interrupt_hint = lambda err: (f"{str(err) or 'Ctrl-C'}: stopped without a new checkpoint; latest: "
                                           f"{latest_checkpoint(out_dir)}; resume with: {resume_command(out_dir)}")
-        with config_checks():  # before any data is read or weight allocated
+        with config_checks():  # before any data is read, weight allocated or W&B run started
             check_model_config(cfg.model)
             check_train_config(cfg)
+            from runner.data import check_data_config
+            check_data_config(cfg.data)
             if is_main:  # rank 0 holds the checkpoints
                 require_checkpoint_to_resume(cfg, out_dir)
         dist = distributed.setup(cfg.train.distributed, cfg.train.device, cfg.train.get("data_wait_timeout_s", 7200))

@@ -266,3 +266,19 @@ def test_ctrl_c_while_starting_up_is_one_line_and_leaves_no_folder_without_a_rec
         assert (tmp_path / "run" / "results.json").read_text() == '{"status": "interrupted"}'
     else:
         assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, key", [
+    (["data=local", "data.paths=[missing/*.txt]", "logger=wandb"], "data.paths"),  # before W&B starts
+    (["task=compare", "compare.dirs=[empty]"], "compare.dirs"),
+])
+def test_input_errors_are_one_line_naming_the_key(tmp_path, cache_dir, args, key):
+    (tmp_path / "empty").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    out = subprocess.run([sys.executable, str(ROOT / "run.py"), *TINY, f"cache_dir={cache_dir}", "hydra.run.dir=run",
+                          *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**env, "HOME": str(tmp_path)})
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if "config error:" in line]
+    assert len(errors) == 1 and f"{key}=" in errors[0] and f"change {key}" in out.stderr
+    assert "W&B" not in (tmp_path / "run" / "run.log").read_text()  # no W&B run was opened for it

@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runner.data.corpus import load_corpus
+from runner.data.corpus import load_corpus, local_files
 from runner.data.encode import tokenize_streams
 from runner.data.packing import PACKING_MODES, PackedSplit, TokenSplit, rows_needed
 from runner.data.store import SPLITS, SplitWriter, commit_entry, disk_bytes, load_entry, new_entry, token_dtype
 from runner.data.tokenizer import Tokenizer, build_tokenizer
+from runner.task import config_checks
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # bump when the cached layout changes, so old cache entries are not reused (2: token streams)
@@ -60,6 +61,8 @@ def check_data_config(d) -> None:
         raise ValueError(f"data.shard_tokens={d.get('shard_tokens')} must be >= 1")
     if d.get("verify", "size") not in VERIFY:
         raise ValueError(f"data.verify={d.get('verify')!r} must be one of {VERIFY}")
+    if d.get("source") == "local":
+        local_files(d)  # the files exist (globs only, nothing read)
 
 
 def build_data(cfg, cache_dir=None, rebuild: bool | None = None, num_proc: int | None = None) -> Data:
@@ -72,7 +75,8 @@ def build_data(cfg, cache_dir=None, rebuild: bool | None = None, num_proc: int |
     rebuild = bool(d.get("rebuild", False)) if rebuild is None else rebuild
 
     log.info(f"data: reading the {d.name} corpus")
-    corpus = load_corpus(d, cache_dir)
+    with config_checks():  # what the corpus itself refuses (too small to split, no documents) names the key to change
+        corpus = load_corpus(d, cache_dir)
     corpus_s = time.perf_counter() - started
     tokenizer, tok_info = build_tokenizer(cfg.tokenizer, corpus.texts("train"), corpus.fingerprint, cache_dir, rebuild)
     tokenizer_s = time.perf_counter() - started - corpus_s

@@ -168,8 +168,9 @@ def read_python_source(path: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------------- local
 
-def local_documents(data_cfg, cache_dir) -> Iterator[tuple[str, str]]:
-    """Documents from local files: every path or glob in `data.paths`, sorted, then read by format."""
+def local_files(data_cfg) -> list[str]:
+    """The files `data.paths` names (paths or globs, `**` recursing), in order; a clear error when there are none.
+    Cheap (globs only): the config checks call it before any data is read."""
     patterns = data_cfg.paths
     if patterns is None or len(patterns) == 0:
         raise ValueError("data.paths is empty; give a file, a directory's glob (e.g. 'corpus/*.txt') or a list")
@@ -180,10 +181,16 @@ def local_documents(data_cfg, cache_dir) -> Iterator[tuple[str, str]]:
         pattern = os.path.expanduser(str(pattern))
         matched = sorted(glob.glob(pattern, recursive=True))
         if not matched:
-            raise FileNotFoundError(f"data.paths: no file matches {pattern!r} (cwd {os.getcwd()})")
+            raise FileNotFoundError(f"data.paths={pattern!r}: no file matches it (relative to {os.getcwd()})")
         files += [f for f in matched if os.path.isfile(f)]
     if not files:
         raise FileNotFoundError(f"data.paths={list(patterns)} matches only directories; use a glob such as 'dir/*.txt'")
+    return files
+
+
+def local_documents(data_cfg, cache_dir) -> Iterator[tuple[str, str]]:
+    """Documents from local files: every path or glob in `data.paths`, sorted, then read by format."""
+    files = local_files(data_cfg)
 
     fmt = data_cfg.get("format", "auto")
     formats = {file_format(f) if fmt == "auto" else fmt for f in files}

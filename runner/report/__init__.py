@@ -27,6 +27,7 @@ from runner.report.markdown import render_markdown
 from runner.report.runs import gather, load_run
 from runner.report.stats import effects, mean_interval, pareto_front, t_quantile
 from runner.report.verdicts import paired_verdicts, verdict_line
+from runner.task import config_checks
 
 __all__ = ["main", "gather", "load_run", "build_report", "write_report", "render_markdown", "effects",
            "mean_interval", "pareto_front", "t_quantile", "paired_verdicts"]
@@ -39,9 +40,10 @@ def main(cfg: DictConfig):
         require_api_key()  # before anything is read or written
     dirs = [c.dirs] if isinstance(c.dirs, str) else list(c.dirs)
     runs = gather(dirs)
-    if not runs:
-        raise FileNotFoundError(f"compare: no results.json under {dirs}; train something first "
-                                f"(`python run.py` or `python run.py -m +experiment=attention`)")
+    with config_checks():  # one line, as a config error: the folders to compare are the user's input
+        if not runs:
+            raise FileNotFoundError(f"compare.dirs={dirs}: no results.json under them; train something first "
+                                    f"(`python run.py` or `python run.py -m +experiment=attention`)")
     from runner.tracking import output_dir
     out = Path(c.out) if c.get("out") else output_dir()
     tasks = [c.tasks] if isinstance(c.get("tasks", "train"), str) else list(c.tasks)
