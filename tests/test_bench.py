@@ -155,6 +155,7 @@ TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "data.seq_len
         "bench.cpu.reference_prompt_length=8", "train.batch_size=2", "train.device=cpu"]
 
 
+@pytest.mark.slow
 def test_bench_task_writes_results_json_with_every_field(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "run.py"), "task=bench", *TINY, "hydra.run.dir=run"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
@@ -383,6 +384,7 @@ def test_gpu_report_counts_recompiles_and_graph_breaks_per_run():
                                "moe_compiled": {"recompiles": 0, "graph_breaks": 2}}
 
 
+@pytest.mark.slow
 def test_gpu_script_past_its_deadline_skips_the_remaining_runs_and_fails(tmp_path):
     """GPU_DEADLINE_S bounds a script whatever its compiles cost: runs that would start past it are skipped,
     recorded as such, and the script exits non-zero (the summary is still written)."""

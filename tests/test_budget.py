@@ -39,6 +39,7 @@ def test_a_budget_below_one_step_is_refused():
         steps_for_budget(train_cfg(max_tokens=100), 128, 1e6)
 
 
+@pytest.mark.slow
 def test_equal_flops_across_attention_variants(tmp_path, cache_dir):
     """MHA and MQA given the same analytic FLOPs: MQA is cheaper per token, so it takes more steps; both spend
     the budget to within one step's worth, never more; FLOPs/token match the PaLM formula from the recorded
@@ -62,6 +63,7 @@ def test_equal_flops_across_attention_variants(tmp_path, cache_dir):
     assert records["mqa"]["metrics"]["steps"] > records["mha"]["metrics"]["steps"]
 
 
+@pytest.mark.slow
 def test_token_budget_and_schedule_follow_it(tmp_path, cache_dir):
     run(["hydra.run.dir=run", "train.max_tokens=1000", "train.max_steps=null", "train.min_lr_ratio=0.1",
          "train.lr=1e-3"], tmp_path, cache_dir)
@@ -72,6 +74,7 @@ def test_token_budget_and_schedule_follow_it(tmp_path, cache_dir):
     assert r["curves"]["train"][-1]["lr"] == pytest.approx(1e-3 * 0.1)
 
 
+@pytest.mark.slow
 def test_time_budget_decays_with_the_clock(tmp_path, cache_dir):
     run(["hydra.run.dir=run", "train.max_seconds=3", "train.max_steps=null", "train.min_lr_ratio=0.1",
          "train.lr=1e-3", "train.eval_every=0", "train.log_every=1", "train.checkpoint_every=0"], tmp_path, cache_dir)
@@ -88,6 +91,7 @@ def test_time_budget_decays_with_the_clock(tmp_path, cache_dir):
     assert curve[-1]["lr"] < f(curve[-2]["seconds"] / 3) + 1e-12 < 1e-3
 
 
+@pytest.mark.slow
 def test_time_budget_logs_its_last_window_between_log_steps(tmp_path, cache_dir):
     """A time budget's last step is known only after it (under torchrun the ranks learn it a step late): the
     steps since the last log point still make a final point of the training curve."""

@@ -80,6 +80,7 @@ def test_a_damaged_file_named_explicitly_is_refused_without_falling_back(tmp_pat
     assert newest.exists()
 
 
+@pytest.mark.slow
 def test_resume_skips_a_truncated_newest_checkpoint_and_ends_as_the_uninterrupted_run(tmp_path, cache_dir):
     args = ["hydra.run.dir=run", "train.checkpoint_every=3", "train.log_every=2"]
     run(args, tmp_path, cache_dir)
@@ -205,6 +206,7 @@ def test_a_requeued_slurm_job_takes_over_the_lock_of_its_earlier_run_on_another_
         RunLock.take(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_live_run_directory_stops_at_once(tmp_path, cache_dir):
     env = {**os.environ, "WANDB_SILENT": "true"}
     cmd = [sys.executable, str(ROOT / "run.py"), *TINY, f"cache_dir={cache_dir}", "hydra.run.dir=run",

@@ -223,6 +223,7 @@ def real_runs(tmp_path_factory):
     return cwd, out
 
 
+@pytest.mark.slow
 def test_report_from_real_tiny_runs(real_runs):
     cwd, out = real_runs
     report_dir = cwd / "outputs" / "compare"

@@ -65,6 +65,7 @@ def test_fixed_shape_decoding_matches_the_eager_loop(variant):
     assert_same_decoding(fixed_shape_greedy(model, ids, docs, STEPS), eager_greedy(model, ids, docs, STEPS))
 
 
+@pytest.mark.slow
 def test_compiled_decoding_matches_eager_and_never_recompiles():
     """torch.compile'd prefill and step: 64 greedy steps give the eager loop's tokens and logits, and after
     the first step no frame is compiled again (dynamo's counters)."""

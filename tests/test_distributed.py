@@ -56,6 +56,7 @@ def ddp_run(tmp_path_factory, cache_dir):
     return cwd
 
 
+@pytest.mark.slow
 def test_ddp_on_two_ranks_matches_one_process_with_twice_the_accumulation(ddp_run, cache_dir):
     run(["hydra.run.dir=single", "train.grad_accum=2"], ddp_run, cache_dir)  # same global batch of 4 rows
     single = results(ddp_run / "single")
@@ -69,6 +70,7 @@ def test_ddp_on_two_ranks_matches_one_process_with_twice_the_accumulation(ddp_ru
     assert ddp["curves"]["train"][-1]["loss"] < ddp["curves"]["train"][0]["loss"]
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes_and_every_rank_shares_the_output_directory(ddp_run):
     runs = sorted((ddp_run / "outputs" / "runs").glob("*/*"))
     assert len(runs) == 1, runs  # rank 1 composed its config 1.2 s later, yet chose rank 0's directory
@@ -79,6 +81,7 @@ def test_only_rank_zero_writes_and_every_rank_shares_the_output_directory(ddp_ru
     assert (ddp_run / "stdout.txt").read_text().count("val loss / ppl") == 1  # one summary, rank 0's
 
 
+@pytest.mark.slow
 def test_a_two_rank_checkpoint_resumes_in_one_process(ddp_run, cache_dir):
     """Checkpoints hold full tensors keyed by name and a loader position counted in steps: they fit any split."""
     (ddp_dir,) = (ddp_run / "outputs" / "runs").glob("*/*")
@@ -89,6 +92,7 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(ddp_run, cache_dir):
     assert_curves_close(resumed["curves"]["train"], results(ddp_dir)["curves"]["train"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_fsdp_on_two_ranks_checkpoints_and_resumes(ddp_run, cache_dir):
     cwd = ddp_run
     # each rank in its own directory here, to see what rank 1 writes: Hydra's files, no results, no checkpoints
@@ -117,6 +121,7 @@ def test_fsdp_on_two_ranks_checkpoints_and_resumes(ddp_run, cache_dir):
     assert_curves_close(resumed["curves"]["val"], full["curves"]["val"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_sweep_through_submitit_local_writes_every_result(tmp_path, cache_dir):
     """Two jobs, each with two tasks that are its DDP ranks (as on SLURM: ranks from submitit, no torchrun)."""
     out = run(["-m", "launcher=local", "hydra.sweep.dir=sweep", "train.seed=0,1", "hydra.launcher.tasks_per_node=2",
@@ -145,6 +150,7 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_preempted_submitit_job_checkpoints_requeues_and_resumes(tmp_path, cache_dir):
     """USR2 (what SLURM sends before the time limit or on preemption) reaches a job of a launcher=local
     sweep mid-training: it checkpoints, submitit requeues it, and the new start resumes and finishes."""
@@ -292,6 +298,7 @@ def test_step_vote_reads_each_steps_sums_one_step_late_and_the_same_on_every_ran
     assert single.read(True, False) == (True, False) and single.read(False, True) == (False, True)
 
 
+@pytest.mark.slow
 def test_fsdp_training_loss_takes_the_chunked_head_with_one_process_gradients():
     """Under FSDP2 the head's weight is a shard outside forward: the loss reads it after the forward (the root
     keeps it gathered until backward). Loss and every gradient equal one process's whole-batch cross-entropy

@@ -57,6 +57,7 @@ def naive_nll(forward, split, n_rows=None) -> tuple[float, int]:
     return nll, count
 
 
+@pytest.mark.slow
 def test_eval_of_a_training_run_agrees_with_a_naive_token_loop(tmp_path, cache_dir):
     run(["hydra.run.dir=train", "train.max_steps=4", "train.checkpoint_every=4", "train.eval_every=0",
          "train.warmup_steps=1", "train.bench=false"], tmp_path, cache_dir)

@@ -31,6 +31,7 @@ def test_job_dirname_reads_like_the_overrides_a_user_typed():
     assert len(long) <= 30 + len(",+40") and long.endswith(f",+{40 - long.count('=')}")
 
 
+@pytest.mark.slow
 def test_sweep_folders_are_named_after_the_task_and_the_swept_choices(tmp_path, cache_dir):
     run(["-m", "model/attention=mha,mqa", "model/position=rope,learned", "train.max_steps=1", "train.eval_every=0",
          "train.checkpoint_every=0"], tmp_path, cache_dir)
@@ -54,6 +55,7 @@ def test_a_compare_job_folder_is_named_after_the_task(tmp_path, cache_dir):
     assert re.fullmatch(r"\d\d-\d\d-\d\d_compare_.*", job.name) and "gqa_rope" not in job.name, job.name
 
 
+@pytest.mark.slow
 def test_a_config_error_prints_one_line_and_the_key_without_a_traceback(tmp_path, cache_dir):
     out = run(["hydra.run.dir=run", "model.attention.n_kv_heads=3"], tmp_path, cache_dir, check=False)
     text = out.stdout + out.stderr
@@ -68,6 +70,7 @@ def test_a_config_error_prints_one_line_and_the_key_without_a_traceback(tmp_path
     assert full.returncode != 0 and "Traceback" in full.stderr  # the whole story on request
 
 
+@pytest.mark.slow
 def test_resume_without_a_checkpoint_stops_and_lists_the_runs_that_can_be_resumed(tmp_path, cache_dir):
     old = "outputs/runs/2026-01-01/10-00-00_train"
     run([f"hydra.run.dir={old}", "train.checkpoint_every=3", "model.d_model=48"], tmp_path, cache_dir)
@@ -104,6 +107,7 @@ def run_held(tmp_path, cache, target: str, args, after: bool = False):
     ("bench", ["task=bench"], "runner.bench.suite:time_fn"),
     ("generate", ["task=generate", "generate.max_new_tokens=8"], "runner.generate:sample_next"),
 ])
+@pytest.mark.slow
 def test_ctrl_c_outside_training_records_interrupted_in_one_line(tmp_path, cache_dir, task, args, target):
     cache = cache_dir if task != "eval" else tmp_path / "cold"
     proc, stdout, stderr = run_held(tmp_path, cache, target, args)
@@ -115,6 +119,7 @@ def test_ctrl_c_outside_training_records_interrupted_in_one_line(tmp_path, cache
     assert f"Ctrl-C: {task} stopped before it finished" in stdout
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_the_task_wrapper_records_a_finished_task_is_not_lost(tmp_path, cache_dir):
     # the body has finished and results.json is being written: the record completes, says what the body
     # did, and the Ctrl-C is acknowledged in one line (a sweep would stop there: test_sweep.py)
@@ -147,6 +152,7 @@ def test_an_over_long_prompt_is_the_same_clear_error_for_every_position_type(tmp
     assert 1 <= len(main(cfg)["tokens"][0]) <= 8
 
 
+@pytest.mark.slow
 def test_run_log_holds_the_job_log_and_the_summary_is_printed_last(tmp_path, cache_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # as a user meets W&B: no settings
     out = subprocess.run([sys.executable, str(ROOT / "run.py"), *TINY, f"cache_dir={cache_dir}", "hydra.run.dir=run",
@@ -166,6 +172,7 @@ def test_run_log_holds_the_job_log_and_the_summary_is_printed_last(tmp_path, cac
     assert "train loss" not in out.stderr and "val loss" not in out.stderr
 
 
+@pytest.mark.slow
 def test_a_requeued_slurm_job_without_a_checkpoint_starts_from_scratch_even_with_resume_true(tmp_path, cache_dir):
     run(["hydra.run.dir=run", "train.resume=true", "train.max_steps=1"], tmp_path, cache_dir,
         env={"SLURM_RESTART_COUNT": "1"})

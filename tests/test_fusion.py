@@ -99,6 +99,7 @@ def test_moving_a_fused_model_fuses_again_and_replaced_weights_fall_back():
     torch.testing.assert_close(model(ids), fresh(ids), rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_compiled_decoding_of_a_fused_model_matches_eager_unfused():
     from test_decode import assert_same_decoding, eager_greedy, fixed_shape_greedy, left_padded
     model = tiny_model(n_kv_heads=2)

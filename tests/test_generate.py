@@ -107,6 +107,7 @@ def test_streamed_text_keeps_the_leading_space_sentencepiece_drops():
     assert continuation(tok, [0], [1, 2, 3]) == " fib(n)"
 
 
+@pytest.mark.slow
 def test_cli_generates_from_a_checkpoint_with_its_tokenizer(tmp_path, hf_tokenizer_dir):
     path, _ = save_phi3(tmp_path / "ckpt", vocab_size=300, eos_token_id=None)
     for f in hf_tokenizer_dir.iterdir():

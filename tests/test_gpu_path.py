@@ -188,6 +188,7 @@ def test_moe_expert_without_tokens_still_gets_a_gradient():
         assert all(p.grad is not None and not p.grad.any() for p in expert.parameters())
 
 
+@pytest.mark.slow
 def test_moe_compiled_decode_step_matches_eager():
     """runner/decode.py compiles its step with fullgraph=True; MoE's routing used to raise there
     (GuardOnDataDependentSymNode)."""
@@ -204,6 +205,7 @@ def test_moe_compiled_decode_step_matches_eager():
 
 # -- one compiled step per shape ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_decoders_of_one_shape_compile_the_step_once():
     """Every bench point and every generate() makes a new Decoder: it must not recompile the step (torch 2.9
     guarded each static buffer's address), nor re-record its CUDA graph (the cache is reused). The second one

@@ -20,6 +20,7 @@ def job_dir(tmp_path, num):
     return found[0] if found else tmp_path / "sweep" / f"{num}_not_started"
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_sweep_and_its_resume_finishes_every_job(tmp_path, cache_dir):
     run(["hydra.run.dir=warm", "train.max_steps=1"], tmp_path, cache_dir)  # data cached: jobs start fast
     steps = ["train.max_steps=60", "train.eval_every=2", "train.eval_batches=1", "train.checkpoint_every=1000"]

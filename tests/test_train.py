@@ -52,6 +52,7 @@ def test_results_json_holds_the_run(tmp_path, cache_dir):
     assert "val loss / ppl" in out.stdout  # the summary table
 
 
+@pytest.mark.slow
 def test_moe_run_trains_and_reports_the_balance_loss_and_active_parameters(tmp_path, cache_dir):
     run(["hydra.run.dir=run", "model/ffn=moe", "model.ffn.n_experts=4", "model.ffn.top_k=1"], tmp_path, cache_dir)
     r = results(tmp_path / "run")
@@ -62,6 +63,7 @@ def test_moe_run_trains_and_reports_the_balance_loss_and_active_parameters(tmp_p
     assert r["params_active"] < r["params"]
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, cache_dir):
     # log_every=2 with a checkpoint at step 3: the logged point at step 4 averages a step from each side
     run(["hydra.run.dir=run", "train.checkpoint_every=3", "train.log_every=2"], tmp_path, cache_dir)
@@ -84,6 +86,7 @@ def strip_timing(points):
     return [{k: v for k, v in p.items() if k not in ("tokens_per_s", "mfu", "seconds")} for p in points]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_curve(tmp_path, cache_dir):
     run(["hydra.run.dir=warm", "train.max_steps=1"], tmp_path, cache_dir)  # data cached: the next start is fast
     # a constant LR after warm-up (min_lr_ratio=1), so that the schedule does not depend on max_steps and the
@@ -115,6 +118,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_curve(tmp_path
     assert strip_timing(r["curves"]["train"]) == strip_timing(results(tmp_path / "straight")["curves"]["train"])
 
 
+@pytest.mark.slow
 def test_sigterm_after_the_loop_records_interrupted_with_the_final_checkpoint(tmp_path, cache_dir):
     """SIGTERM while the benchmark runs (after training): no traceback, `interrupted`, resumable."""
     run(["hydra.run.dir=warm", "train.max_steps=1"], tmp_path, cache_dir)
@@ -202,6 +206,7 @@ def test_bad_config_writes_a_failed_result_before_reading_data(tmp_path, cache_d
     assert not (tmp_path / "empty").exists()  # failed before any data was read or cached
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_is_created_without_a_key(tmp_path, cache_dir):
     env = {"WANDB_API_KEY": "", "WANDB_MODE": "", "HOME": str(tmp_path)}  # no key, no netrc
     run(["hydra.run.dir=run", "logger=wandb"], tmp_path, cache_dir, env=env)
@@ -212,6 +217,7 @@ def test_wandb_offline_run_is_created_without_a_key(tmp_path, cache_dir):
     assert list(runs[0].glob("*.wandb"))  # the run's log, ready for `wandb sync`
 
 
+@pytest.mark.slow
 def test_multirun_writes_one_result_per_job_and_survives_a_failing_job(tmp_path, cache_dir):
     out = run(["-m", "model.attention.n_kv_heads=1,3,2", "hydra.sweep.dir=sweep"], tmp_path, cache_dir,
               check=False)
@@ -222,6 +228,7 @@ def test_multirun_writes_one_result_per_job_and_survives_a_failing_job(tmp_path,
     assert found[3]["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_two_presets_sweep(tmp_path, cache_dir):
     run(["-m", "model=mha_rope,gqa_rope", "hydra.sweep.dir=sweep"], tmp_path, cache_dir)
     statuses = sorted((json.loads(p.read_text())["variant"]["preset"], json.loads(p.read_text())["status"])
@@ -255,6 +262,7 @@ def test_perplexity_counts_only_real_in_document_targets():
     assert got["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_trains_with_a_hugging_face_tokenizer_sizing_the_model_from_it(tmp_path, cache_dir):
     from test_generate import save_tiny_tokenizer
     tok_dir = save_tiny_tokenizer(tmp_path / "tok")
@@ -267,6 +275,7 @@ def test_trains_with_a_hugging_face_tokenizer_sizing_the_model_from_it(tmp_path,
     assert r["params"] - r["params_non_embedding"] == n_tokens * 32  # one embedding row per id (d_model=32)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_its_tokenizer_is_refused_before_any_data(tmp_path, cache_dir):
     out = run(["hydra.run.dir=run", "model=phi3", f"model.checkpoint={tmp_path / 'phi3'}",
                f"cache_dir={tmp_path / 'empty'}"], tmp_path, cache_dir, check=False)
@@ -275,6 +284,7 @@ def test_a_checkpoint_without_its_tokenizer_is_refused_before_any_data(tmp_path,
     assert not (tmp_path / "empty").exists()
 
 
+@pytest.mark.slow
 def test_a_requeued_slurm_job_resumes_without_being_told(tmp_path, cache_dir):
     run(["hydra.run.dir=run", "train.checkpoint_every=3", "train.max_steps=3"], tmp_path, cache_dir)
     run(["hydra.run.dir=run", "train.checkpoint_every=3"], tmp_path, cache_dir, env={"SLURM_RESTART_COUNT": "1"})
@@ -282,6 +292,7 @@ def test_a_requeued_slurm_job_resumes_without_being_told(tmp_path, cache_dir):
     assert r["status"] == "ok" and r["resumed_from"].endswith("step_0000003.pt") and r["metrics"]["steps"] == 6
 
 
+@pytest.mark.slow
 def test_resuming_with_another_model_config_says_which_overrides_to_use(tmp_path, cache_dir):
     run(["hydra.run.dir=run", "train.checkpoint_every=3", "model.d_model=48"], tmp_path, cache_dir)
     out = run(["hydra.run.dir=run", "train.resume=true"], tmp_path, cache_dir, check=False)
