@@ -168,7 +168,7 @@ def test_run_log_holds_the_job_log_and_the_summary_is_printed_last(tmp_path, cac
     assert "training" in out.stderr and "training" not in out.stdout  # the log on stderr, stdout for results
     # the losses as they are logged, in run.log alone (the terminal has the progress bar)
     losses = [line for line in log.splitlines() if "train loss" in line or "val loss" in line]
-    assert [line.split("] ", 1)[1].split(":")[0] for line in losses] == ["step 1"] * 2 + ["step 2"] * 2, losses
+    assert [re.search(r"step \d+", line).group() for line in losses] == ["step 1"] * 2 + ["step 2"] * 2, losses
     assert "train loss" not in out.stderr and "val loss" not in out.stderr
 
 

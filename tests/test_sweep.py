@@ -40,7 +40,8 @@ def test_sigterm_stops_the_sweep_and_its_resume_finishes_every_job(tmp_path, cac
     assert 0 < stopped_at < 60
     assert not (job_dir(tmp_path, 1)).exists()  # the next jobs never started
 
-    lines = [line for line in stdout.splitlines() if line.startswith("python run.py -m")]
+    # run.py named as it was started (here by its absolute path)
+    lines = [line for line in stdout.splitlines() if line.startswith(f"python {ROOT / 'run.py'} -m")]
     assert len(lines) == 1, stdout[-2000:]
     printed = shlex.split(lines[0])
     assert "train.resume=auto" in printed and f"hydra.sweep.dir={tmp_path / 'sweep'}" in printed

@@ -107,7 +107,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_curve(tmp_path
     assert stopped_at > 0
     # the printed command resumes it as it is (the run's own overrides, train.resume=true, its directory)
     printed = shlex.split(r["error"]["message"].split("resume with: ")[1])
-    assert printed[:2] == ["python", "run.py"] and printed[-1] == f"hydra.run.dir={tmp_path / 'run'}"
+    assert printed[:2] == ["python", str(ROOT / "run.py")]  # run.py as it was started: here by its absolute path
+    assert printed[-1] == f"hydra.run.dir={tmp_path / 'run'}"
     resumed = subprocess.run([sys.executable, str(ROOT / "run.py"), *printed[2:], f"train.max_steps={stopped_at + 6}"],
                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
                              env={**os.environ, "WANDB_SILENT": "true"})
