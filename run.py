@@ -47,7 +47,7 @@ def main(cfg: DictConfig):
         task = importlib.import_module(TASKS[cfg.task])
         startup.hand_over()
         return task.main(cfg)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except Exception as err:  # noqa: BLE001 -- only the config and input errors are reported here; all re-raise
         if is_config_error(err):
             report_config_error(err)
         raise

@@ -289,3 +289,16 @@ def test_input_errors_are_one_line_naming_the_key(tmp_path, cache_dir, args, key
     errors = [line for line in out.stderr.splitlines() if "config error:" in line]
     assert len(errors) == 1 and f"{key}=" in errors[0] and f"change {key}" in out.stderr
     assert "W&B" not in (tmp_path / "run" / "run.log").read_text()  # no W&B run was opened for it
+
+
+def test_a_hub_dataset_without_network_fails_fast_in_one_line(tmp_path, cache_dir):
+    """No retries with back-off when the Hub cannot be reached (here: an endpoint on a closed local port, so
+    that a machine with network downloads nothing either): one short attempt, then the offline caches only."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "WANDB_"))}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), WANDB_SILENT="true")
+    out = subprocess.run([sys.executable, str(ROOT / "run.py"), *TINY, f"cache_dir={cache_dir}", "hydra.run.dir=run",
+                          "data=tinystories"], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if "config error:" in line]
+    assert len(errors) == 1 and "roneneldan/TinyStories" in errors[0] and "Retrying" not in out.stderr
+    assert results(tmp_path / "run")["status"] == "failed"

@@ -15,6 +15,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import os
 import platform
 import re
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
 
 # Directories of the standard library that hold tests (test/, tests/, idlelib/idle_test, lib2to3/tests,
 # ctypes/test, ...) or third-party code; a directory with one of these names is skipped anywhere in the tree.
@@ -261,10 +264,36 @@ def hub_streams(data_cfg, skipped: dict):
     return streams
 
 
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub's endpoint opens (one short attempt; no DNS means no)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def offline_when_unreachable() -> None:
+    """No network to the Hub: use only the local caches at once (datasets otherwise retries each request with
+    back-off, ~25 s of repeated warnings before the same failure)."""
+    import datasets
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE or hub_reachable():
+        return
+    log.warning("the Hugging Face Hub is not reachable: only locally cached datasets can load")
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+
+
 def load_hf_dataset(path, config_name, split, streaming=False, revision=None, data_files=None, cache_dir=None):
     """`datasets.load_dataset`, with the failures of a machine that cannot reach the Hub made readable."""
     import datasets
 
+    offline_when_unreachable()
     try:
         return datasets.load_dataset(path, config_name, split=split, streaming=streaming, revision=revision,
                                      data_files=data_files, cache_dir=cache_dir)
@@ -285,11 +314,13 @@ def with_hub_errors(docs: Iterator, dataset: str) -> Iterator:
 
 
 def offline_error(dataset: str, err: Exception) -> RuntimeError:
-    return RuntimeError(
+    error = RuntimeError(
         f"cannot load the Hugging Face dataset {dataset!r}: {type(err).__name__}: {err}. It needs network access "
         f"to the Hub, or a local copy: download it once where there is network (it is cached under "
         f"HF_DATASETS_CACHE / ~/.cache/huggingface and then works with HF_DATASETS_OFFLINE=1), or export it to "
         f"jsonl/parquet and use data=local data.paths=... data.text_field=...")
+    error.config_error = True  # run.py prints it in one line: what to change is the data choice or the network
+    return error
 
 
 def dataset_documents(ds, text_field: str, what: str, prefix: str = "") -> Iterator[tuple[str, str]]:
