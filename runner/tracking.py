@@ -156,6 +156,8 @@ class Results:
         self.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if error is not None:
             self.data["error"] = {"type": type(error).__name__, "message": str(error)}
+            if getattr(error, "config_error", False):  # the run never started: task=compare lists it apart
+                self.data["error"]["config_error"] = True
         self.write()
 
     def write(self):

@@ -179,6 +179,25 @@ def test_unreadable_and_running_runs_are_listed(sweep, tmp_path):
     assert re.search(r"- \*\*unreadable\*\* .*20_cut`\): JSONDecodeError", md)
 
 
+def test_runs_stopped_by_a_config_error_are_listed_apart(sweep, tmp_path):
+    """A run whose config check failed never started: not among the runs that did not finish, in its own list."""
+    write_results(sweep / "22_typo", status="failed", error={"type": "ValueError", "config_error": True,
+                                                              "message": "model.n_heads=3 does not divide model.d_model=32"})
+    report = build_report(gather([tmp_path / "outputs"]), ["outputs"])
+    assert "22_typo" not in {r["name"] for r in report["not_finished"]}
+    assert [r["name"] for r in report["config_errors"]] == ["22_typo"]
+    write_report(report, tmp_path / "report", png=False)
+    md, page = (tmp_path / "report" / "report.md").read_text(), (tmp_path / "report" / "report.html").read_text()
+    assert "## Stopped by a config error before starting" in md and "22_typo`: ValueError: model.n_heads=3" in md
+    assert 'id="config-errors"' in page and "1 stopped by a config error" in page
+
+
+def test_a_config_error_is_marked_in_results_json(tmp_path, cache_dir):
+    run_py([*TINY, f"cache_dir={cache_dir}", "hydra.run.dir=run", "model.n_heads=3"], tmp_path, check=False)
+    error = json.loads((tmp_path / "run" / "results.json").read_text())["error"]
+    assert error["config_error"] is True and "model.n_heads=3" in error["message"]
+
+
 def test_html_is_self_contained(sweep, tmp_path):
     write_report(build_report(gather([tmp_path / "outputs"]), ["outputs"]), tmp_path / "r", png=False)
     page = (tmp_path / "r" / "report.html").read_text()

@@ -62,7 +62,8 @@ def build_report(runs: list[dict], dirs, tasks=("train",), sweep=None, reference
         "effects": fams,
         "verdicts": paired_verdicts(tuned, fams, reference),
         "by_size": _by_size(tuned, reference),
-        "not_finished": [r for r in runs if r["status"] != FINISHED],
+        "not_finished": [r for r in runs if r["status"] != FINISHED and not r.get("config_error")],
+        "config_errors": [r for r in runs if r["status"] != FINISHED and r.get("config_error")],  # never started
         "left_out": [r for r in runs if r["left_out"] and r["status"] == FINISHED],
     }
 

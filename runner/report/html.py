@@ -32,8 +32,8 @@ def render_html(report: dict) -> str:
     payload = json.dumps(data, default=str).replace("</", "<\\/")
     head = HEAD.replace("{title}", html.escape(report["title"])).replace("{style}", _asset("report.css"))
     head = head.replace("{errors}", _asset("report-errors.js"))
-    parts = [head, _header(report), _verdicts(report), _runs_table(report),
-             _not_finished(report), CURVES, _pareto(report), MEMORY, _lr_tuning(report), _effects(report),
+    parts = [head, _header(report), _verdicts(report), _runs_table(report), _not_finished(report),
+             _config_errors(report), CURVES, _pareto(report), MEMORY, _lr_tuning(report), _effects(report),
              _by_size(report),
              f'<footer>Written by <code>python run.py task=compare</code> from {len(runs)} results.json files '
              f'under {", ".join(html.escape(d) for d in report["dirs"])}. Markdown summary: report.md; '
@@ -65,8 +65,10 @@ def _header(report) -> str:
     if small:
         cards.append(("smallest KV cache", fmt("kv_cache_bytes_per_token", small["kv_cache_bytes_per_token"])
                       + "/token", small["label"]))
-    cards.append(("runs", f"{len(done)} ok / {len(runs)}",
-                  f"{len(runs) - len(done)} did not finish" if len(done) < len(runs) else "all finished"))
+    unfinished, config = len(report["not_finished"]), len(report.get("config_errors", []))
+    cards.append(("runs", f"{len(done)} ok / {len(runs)}", ", ".join(
+        [f"{unfinished} did not finish"] * bool(unfinished) + [f"{config} stopped by a config error"] * bool(config))
+        or "all finished"))
     common = ", ".join(f"{k}={v}" for k, v in report["common"].items())
     return (f'<header><h1>{_e(report["title"])}</h1>'
             f'<p class="meta">{len(runs)} runs from {_e(", ".join(report["dirs"]))} · generated '
@@ -118,6 +120,16 @@ def _not_finished(report) -> str:
                     f'<pre>{_e(r["error"] or "no error recorded")}</pre></li>' for r in report["not_finished"])
     return (f'<section id="not-finished"><h2>Runs that did not finish ({len(report["not_finished"])})</h2>'
             f'<ul class="dnf-list">{items}</ul></section>')
+
+
+def _config_errors(report) -> str:
+    """Runs a config check stopped before they started: listed apart, one line each, not as failures."""
+    if not report.get("config_errors"):
+        return ""
+    items = "".join(f'<li><span class="path">{_e(r["id"])}</span>: {_e(r["error"] or "")}</li>'
+                    for r in report["config_errors"])
+    return (f'<section id="config-errors"><h2>Stopped by a config error before starting '
+            f'({len(report["config_errors"])})</h2><ul class="dnf-list">{items}</ul></section>')
 
 
 def _effects(report) -> str:

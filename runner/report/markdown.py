@@ -64,6 +64,9 @@ def render_markdown(report: dict, images: list[str] = ()) -> str:
         lines += ["", "## Runs that did not finish", ""]
         lines += [f"- **{r['status']}** {r['label']} (`{r['id']}`): "
                   + " ".join((r["error"] or "no error recorded").split()) for r in report["not_finished"]]
+    if report.get("config_errors"):
+        lines += ["", "## Stopped by a config error before starting", ""]
+        lines += [f"- `{r['id']}`: " + " ".join((r["error"] or "").split()) for r in report["config_errors"]]
     if report["lr_tuning"]:
         lines += ["", "## Learning rates", "", "Validation loss averaged over seeds at each learning rate; each "
                   "variant is compared at its best (**bold**).", ""]
