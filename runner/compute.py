@@ -53,7 +53,7 @@ def next_token_loss(model, input_ids, labels, position_ids=None, document_ids=No
     reduction: "mean" over real targets (training) or "sum" (evaluation adds up over batches and ranks).
     The logits are float32 for the softmax (bf16 logits lose the small probabilities), a chunk of rows at a
     time (chunked_cross_entropy) when the model hands out its hidden states and a plain LM head."""
-    inner = _plain_head(model)
+    inner = _chunkable_model(model)
     with autocast(input_ids.device, dtype):
         out = model(input_ids, position_ids=position_ids, document_ids=document_ids,
                     **({"return_hidden": True} if inner is not None else {}))
@@ -62,7 +62,7 @@ def next_token_loss(model, input_ids, labels, position_ids=None, document_ids=No
     return F.cross_entropy(out.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction=reduction)
 
 
-def _plain_head(model):
+def _chunkable_model(model):
     """The TransformerLM inside the model's wrappers (DDP, FSDP2, torch.compile) when its LM head is a plain
     bias-free Linear that chunked_cross_entropy can stand in for; else None."""
     from variants import TransformerLM

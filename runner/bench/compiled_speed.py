@@ -111,7 +111,7 @@ if __name__ == "__main__":
         import runner.compute as compute
         model = TransformerLM(32064, 128, 4, 4, 1024, attention=partial(Attention, n_kv_heads=2)).train()
         if what == "full":
-            compute._plain_head = lambda m: None
+            compute._chunkable_model = lambda m: None
         ids = torch.randint(0, 32064, (2, 1024))
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         compute.next_token_loss(model, ids, ids).backward()

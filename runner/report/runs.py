@@ -64,7 +64,7 @@ def load_run(path: Path) -> dict:
         "lr": _number(_dig(data, ("config", "train", "lr"))), "budget": _budget(data),
         "device": data.get("device"), "device_name": data.get("device_name"),
         "error": _error_text(data.get("error")),
-        "config_error": bool((data.get("error") or {}).get("config_error")) if isinstance(data.get("error"), dict) else False,
+        "config_error": isinstance(data.get("error"), dict) and bool(data["error"].get("config_error")),
         "curves": {k: [{f: p.get(f) for f in ("step", "tokens", "loss", "seconds")} for p in pts]
                    for k, pts in ((data.get("curves") or {}).items()) if isinstance(pts, list)},
     }
