@@ -91,8 +91,9 @@ def main(cfg: DictConfig):
         with config_checks():  # before any data is read, weight allocated or W&B run started
             check_model_config(cfg.model)
             check_train_config(cfg)
-            from runner.data import check_data_config
+            from runner.data import check_data_config, check_tokenizer_config
             check_data_config(cfg.data)
+            check_tokenizer_config(cfg.tokenizer)
             if is_main:  # rank 0 holds the checkpoints
                 require_checkpoint_to_resume(cfg, out_dir)
         dist = distributed.setup(cfg.train.distributed, cfg.train.device, cfg.train.get("data_wait_timeout_s", 7200))

@@ -28,7 +28,7 @@ from runner.data.corpus import load_corpus, local_files
 from runner.data.encode import tokenize_streams
 from runner.data.packing import PACKING_MODES, PackedSplit, TokenSplit, rows_needed
 from runner.data.store import SPLITS, SplitWriter, commit_entry, disk_bytes, load_entry, new_entry, token_dtype
-from runner.data.tokenizer import Tokenizer, build_tokenizer
+from runner.data.tokenizer import Tokenizer, build_tokenizer, check_tokenizer_config
 from runner.task import config_checks
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,8 @@ def build_data(cfg, cache_dir=None, rebuild: bool | None = None, num_proc: int |
     cache_dir = Path(cache_dir if cache_dir is not None else cfg.cache_dir)
     rebuild = bool(d.get("rebuild", False)) if rebuild is None else rebuild
 
+    with config_checks():
+        check_tokenizer_config(cfg.tokenizer)
     log.info(f"data: reading the {d.name} corpus")
     with config_checks():  # what the corpus itself refuses (too small to split, no documents) names the key to change
         corpus = load_corpus(d, cache_dir)
