@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pytest
 
-from test_data import make_cfg
+from test_data import make_cfg, naive_rows
 from runner.data import build_data
 from runner.task import config_checks, is_config_error
 
@@ -122,3 +122,128 @@ def test_tokenizer_char_composes_and_the_model_takes_its_size(tmp_path):
     cfg = compose(["tokenizer=char", "data=local", "data.paths=[x.txt]"])
     assert cfg.tokenizer.kind == "char" and cfg.model.vocab_size is None  # the trainer sets it from the tokenizer
     check_model_config(cfg.model)
+
+
+# ---------------------------------------------------------------------------------------------------- data=tokenized
+
+def random_docs(n, vocab, seed, avoid=None):
+    rng = np.random.default_rng(seed)
+    docs = [rng.integers(0, vocab, rng.choice([1, 2, 5, 13, 40])).tolist() for _ in range(n)]
+    return [[t if t != avoid else (t + 1) % vocab for t in d] for d in docs]
+
+
+def tokenized_cfg(tmp_path, fmt, train, val, vocab=300, eot=None, **data):
+    cfg = make_cfg(tmp_path, data="tokenized", tokenizer="ids", format=fmt, paths=train, val_paths=val, seq_len=8)
+    cfg.tokenizer.vocab_size, cfg.tokenizer.eot_id = vocab, eot
+    for key, value in data.items():
+        cfg.data[key] = value
+    return cfg
+
+
+def assert_rows(split, docs, eot, pad, packing):
+    """Every row equals the naive token-by-token reference of test_data (eot appended after each document)."""
+    want = np.array(naive_rows(docs, eot, pad, split.seq_len, packing), dtype=np.int64)
+    for k, name in enumerate(("input_ids", "labels", "position_ids", "document_ids")):
+        np.testing.assert_array_equal(getattr(split, name), want[..., k], err_msg=name)
+
+
+def write_nanogpt(path, docs, sep, dtype=np.uint16):
+    np.array([t for d in docs for t in d + [sep]], dtype=dtype).tofile(path)
+
+
+@pytest.mark.parametrize("packing", ["documents", "none"])
+def test_nanogpt_bins_are_read_in_place_with_documents_at_the_separator(tmp_path, packing):
+    eot = 299
+    train, val = random_docs(30, 299, 0, avoid=eot), random_docs(7, 299, 1, avoid=eot)
+    write_nanogpt(tmp_path / "train.bin", train, eot)
+    write_nanogpt(tmp_path / "val.bin", val, eot)
+    cfg = tokenized_cfg(tmp_path, "nanogpt", [str(tmp_path / "train.bin")], [str(tmp_path / "val.bin")], eot=eot,
+                        packing=packing)
+    data = build_data(cfg)
+    assert_rows(data.train, train, eot, eot, packing)
+    assert_rows(data.val, val, eot, eot, packing)
+    shard = data.train.shards[0]
+    assert isinstance(shard, np.memmap) and shard.filename == str(tmp_path / "train.bin")  # no copy
+    assert data.stats["documents"] == {"train": 30, "val": 7} and data.tokenizer.vocab_size == 300
+    again = build_data(cfg)  # the separator scan is cached, the rows are the same
+    np.testing.assert_array_equal(again.train.offsets, data.train.offsets)
+
+
+def test_a_nanogpt_file_without_separator_is_one_stream_cut_into_rows(tmp_path):
+    ids = np.random.default_rng(0).integers(0, 65, 100).astype(np.uint16)  # shakespeare_char: 65 characters
+    ids.tofile(tmp_path / "train.bin")
+    ids[:20].tofile(tmp_path / "val.bin")
+    cfg = tokenized_cfg(tmp_path, "nanogpt", [str(tmp_path / "train.bin")], [str(tmp_path / "val.bin")], vocab=65)
+    data = build_data(cfg)
+    rows = data.train.rows(np.arange(len(data.train)))
+    assert len(data.train) == 13 and data.stats["documents"]["train"] == 1
+    np.testing.assert_array_equal(rows["input_ids"].ravel()[:100], ids)  # nanoGPT's x: consecutive ids
+    np.testing.assert_array_equal(rows["labels"].ravel()[:99], ids[1:])   # nanoGPT's y: the next id
+    np.testing.assert_array_equal(rows["position_ids"][1], np.arange(8))  # each row a fresh window
+
+
+def datatrove_layout(root, name, docs, token_size=2):
+    """datatrove's DocumentTokenizer output, written by hand from its documented layout: little-endian ids,
+    uint64 document ends, and `<tokenizer>|<token size>` then the token count in the metadata."""
+    ids = np.array([t for d in docs for t in d], dtype="<u2" if token_size == 2 else "<u4")
+    ids.tofile(root / f"{name}.ds")
+    np.cumsum([len(d) for d in docs]).astype("<u8").tofile(root / f"{name}.ds.index")
+    (root / f"{name}.ds.metadata").write_text(f"gpt2|{token_size}\n{len(ids)}\n{len(ids)}T")
+
+
+def test_datatrove_shards_by_their_documented_layout(tmp_path):
+    eot = 70_000  # above uint16: the metadata says 4-byte ids
+    docs = [d + [eot] for d in random_docs(25, 70_000, 2)]  # datatrove appends the eos to each document
+    (tmp_path / "tr").mkdir()
+    datatrove_layout(tmp_path / "tr", "000_train", docs[:10], 4)
+    datatrove_layout(tmp_path / "tr", "001_train", docs[10:20], 4)
+    datatrove_layout(tmp_path, "val", docs[20:], 4)
+    cfg = tokenized_cfg(tmp_path, "datatrove", [str(tmp_path / "tr" / "*.ds")], [str(tmp_path / "val.ds")],
+                        vocab=70_001, eot=eot)
+    data = build_data(cfg)
+    assert len(data.train.shards) == 2 and data.stats["documents"] == {"train": 20, "val": 5}
+    assert_rows(data.train, [d[:-1] for d in docs[:20]], eot, eot, "documents")
+    assert_rows(data.val, [d[:-1] for d in docs[20:]], eot, eot, "documents")
+
+
+def test_datatrove_files_written_by_datatrove_itself(tmp_path):
+    tokens_mod = pytest.importorskip("datatrove.pipeline.tokens.tokenizer")
+    eot = 50256
+    docs = [d + [eot] for d in random_docs(12, 50256, 3)]
+    for name, part in (("train.ds", docs[:9]), ("val.ds", docs[9:])):
+        f = tokens_mod.TokenizedFile(str(tmp_path), name, save_final_metadata=True, tokenizer_name_or_path="gpt2")
+        for d in part:
+            f.write(d, None)
+        f.close()
+    assert (tmp_path / "train.ds.index").exists() and (tmp_path / "train.ds.metadata").exists()
+    cfg = tokenized_cfg(tmp_path, "datatrove", [str(tmp_path / "train.ds")], [str(tmp_path / "val.ds")],
+                        vocab=50257, eot=eot, packing="none")
+    data = build_data(cfg)
+    assert_rows(data.train, [d[:-1] for d in docs[:9]], eot, eot, "none")
+    assert_rows(data.val, [d[:-1] for d in docs[9:]], eot, eot, "none")
+
+
+def test_ids_beyond_the_vocabulary_and_a_text_tokenizer_are_one_line_errors(tmp_path):
+    write_nanogpt(tmp_path / "train.bin", [[1, 2, 3, 400]], 5)
+    write_nanogpt(tmp_path / "val.bin", [[1, 2]], 5)
+    cfg = tokenized_cfg(tmp_path, "nanogpt", [str(tmp_path / "train.bin")], [str(tmp_path / "val.bin")], vocab=300)
+    with pytest.raises(ValueError, match=r"^tokenizer\.vocab_size=300 is not above the largest token id 400") as err:
+        build_data(cfg)
+    assert is_config_error(err.value) and "\n" not in str(err.value)
+    cfg.tokenizer = make_cfg(tmp_path).tokenizer  # a BPE: its ids are not these
+    with pytest.raises(ValueError, match=r"^tokenizer\.kind='bpe' cannot describe ids") as err:
+        build_data(cfg)
+    assert is_config_error(err.value)
+    from runner.data import check_data_config
+    for key, value, message in (("format", "megatron", "data.format='megatron'"), ("val_paths", [], "data.val_paths"),
+                                ("token_size", 3, "data.token_size=3")):
+        bad = cfg.copy()
+        bad.data[key] = value
+        with pytest.raises(ValueError, match=message):
+            check_data_config(bad.data)
+
+
+def test_data_tokenized_composes(tmp_path):
+    from conftest import compose
+    cfg = compose(["data=tokenized", "tokenizer=ids", "tokenizer.vocab_size=65", "data.format=datatrove"])
+    assert cfg.model.vocab_size == 65 and cfg.data.source == "tokenized"

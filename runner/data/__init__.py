@@ -63,6 +63,9 @@ def check_data_config(d) -> None:
         raise ValueError(f"data.verify={d.get('verify')!r} must be one of {VERIFY}")
     if d.get("source") == "local":
         local_files(d)  # the files exist (globs only, nothing read)
+    if d.get("source") == "tokenized":
+        from runner.data.tokenized import check_tokenized_config
+        check_tokenized_config(d)
 
 
 def build_data(cfg, cache_dir=None, rebuild: bool | None = None, num_proc: int | None = None) -> Data:
@@ -76,6 +79,9 @@ def build_data(cfg, cache_dir=None, rebuild: bool | None = None, num_proc: int |
 
     with config_checks():
         check_tokenizer_config(cfg.tokenizer)
+    if d.get("source") == "tokenized":  # ids made elsewhere (nanoGPT, datatrove): read where they lie
+        from runner.data.tokenized import build_tokenized_data
+        return build_tokenized_data(cfg, cache_dir)
     log.info(f"data: reading the {d.name} corpus")
     with config_checks():  # what the corpus itself refuses (too small to split, no documents) names the key to change
         corpus = load_corpus(d, cache_dir)

@@ -5,6 +5,7 @@
        `cache_dir/tokenizers/` by corpus fingerprint and settings, so it is trained once
   char one id per character of the training text, an unknown-character id and the end-of-text id; the
        alphabet is cached the same way (nanoGPT's character-level models)
+  ids  no text: the size and end-of-text id of a corpus tokenized elsewhere (data=tokenized)
   hf   any Hugging Face tokenizer by Hub id or local path (transformers.AutoTokenizer), e.g. Phi-3's
 
 Document text never produces the end-of-text token: special tokens spelled out inside a document are
@@ -24,7 +25,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 EOT = "<|endoftext|>"
 N_BYTES = 256  # a byte-level BPE starts from all 256 byte symbols
-TOKENIZER_KINDS = ("bpe", "char", "hf")
+TOKENIZER_KINDS = ("bpe", "char", "hf", "ids")
 
 
 class Tokenizer:
@@ -122,6 +123,23 @@ class CharTokenizer(Tokenizer):
                        for i in map(int, ids))
 
 
+class IdsTokenizer(Tokenizer):
+    """The vocabulary of a corpus tokenized elsewhere (data=tokenized), known only by its size and end-of-text
+    id; it has no text: decode writes ids as <id> (use tokenizer=hf with the corpus's own tokenizer for text)."""
+
+    def __init__(self, vocab_size: int, eot_id: int | None):
+        self.vocab_size, self.eot_id = int(vocab_size), None if eot_id is None else int(eot_id)
+        self.pad_id = 0 if eot_id is None else self.eot_id  # any valid id: padding is masked out
+        self.fingerprint = hashlib.sha256(json.dumps(["ids", self.vocab_size, self.eot_id]).encode()).hexdigest()[:16]
+
+    def encode_batch(self, texts):
+        raise ValueError("tokenizer.kind=ids has no text to encode: give tokenizer=hf with the tokenizer the corpus "
+                         "was made with")
+
+    def decode(self, ids):
+        return "".join(f"<{int(i)}>" for i in ids)
+
+
 def text_characters(texts: Iterable[str], max_chars: int | None = None) -> tuple[str, int]:
     """The distinct characters of `texts` (at most max_chars of them read), and how many were read; lone
     surrogates are left out (they are not text: they encode as the unknown id)."""
@@ -171,6 +189,13 @@ def check_tokenizer_config(tok_cfg) -> None:
     """The checks that need no data (run before the corpus is read)."""
     if tok_cfg.kind not in TOKENIZER_KINDS:
         raise ValueError(f"tokenizer.kind={tok_cfg.kind!r} is not a tokenizer kind; choose one of {TOKENIZER_KINDS}")
+    if tok_cfg.kind == "ids":
+        vocab, eot = tok_cfg.get("vocab_size"), tok_cfg.get("eot_id")
+        if vocab is None or vocab < 1:
+            raise ValueError(f"tokenizer.vocab_size={vocab}: tokenizer=ids needs the vocabulary size the corpus was "
+                             f"tokenized with (nanoGPT's GPT-2 files: 50257; shakespeare_char: 65)")
+        if eot is not None and not 0 <= eot < vocab:
+            raise ValueError(f"tokenizer.eot_id={eot} must be in [0, tokenizer.vocab_size={vocab}) or null")
     if tok_cfg.kind == "bpe":
         need, specials = bpe_minimum(tok_cfg)
         if tok_cfg.vocab_size is None or tok_cfg.vocab_size < need:
@@ -187,6 +212,8 @@ def build_tokenizer(tok_cfg, train_texts: Iterable[str], corpus_fingerprint: str
         return bpe_tokenizer(tok_cfg, train_texts, corpus_fingerprint, cache_dir, rebuild)
     if tok_cfg.kind == "char":
         return char_tokenizer(tok_cfg, train_texts, corpus_fingerprint, cache_dir, rebuild)
+    if tok_cfg.kind == "ids":
+        return IdsTokenizer(tok_cfg.vocab_size, tok_cfg.get("eot_id")), {"kind": "ids"}
     tok = hf_tokenizer(tok_cfg)
     return tok, {"kind": "hf", "name_or_path": tok_cfg.name_or_path, "vocab_size": tok.vocab_size}
 
