@@ -113,7 +113,7 @@ class Trainer:
     logging, evaluation and checkpoints between them), wrap_up (final checkpoint and evaluation)."""
 
     def __init__(self, cfg: DictConfig, results: Results, logger, out_dir, dist: distributed.Dist):
-        from runner.data import BatchLoader, build_data  # imported here so that `--cfg job` stays light
+        from runner.data import batch_loader, build_data  # imported here so that `--cfg job` stays light
 
         self.cfg, self.t, self.results, self.logger, self.out_dir, self.dist = cfg, cfg.train, results, logger, out_dir, dist
         t, device = cfg.train, dist.device
@@ -157,8 +157,9 @@ class Trainer:
         # hold does not depend on how the work is split: one process with grad_accum=2 computes exactly what
         # two ranks with grad_accum=1 compute, and a checkpoint's loader position fits any split.
         shards = dist.world_size * t.grad_accum
-        self.loaders = [BatchLoader(self.data.train, t.batch_size // shards, seed=t.seed,
-                                    rank=dist.rank * t.grad_accum + a, world_size=shards) for a in range(t.grad_accum)]
+        self.loaders = [batch_loader(self.data.train, t.batch_size // shards, seed=t.seed,
+                                     rank=dist.rank * t.grad_accum + a, world_size=shards,
+                                     sampling=cfg.data.get("sampling", "rows")) for a in range(t.grad_accum)]
         peak = _peak_flops(device)
         self.peak_flops = peak * dist.world_size if peak else None
         self.step, self.curves = 0, {"train": [], "val": []}

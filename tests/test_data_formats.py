@@ -3,6 +3,7 @@ train.bin / val.bin, datatrove's shards), random-window sampling and task=data p
 import logging
 
 import numpy as np
+import torch
 import pytest
 
 from test_data import make_cfg, naive_rows
@@ -247,3 +248,111 @@ def test_data_tokenized_composes(tmp_path):
     from conftest import compose
     cfg = compose(["data=tokenized", "tokenizer=ids", "tokenizer.vocab_size=65", "data.format=datatrove"])
     assert cfg.model.vocab_size == 65 and cfg.data.source == "tokenized"
+
+
+# ---------------------------------------------------------------------------------------------------- data.sampling=windows
+
+def stream_split(seq_len=8):
+    from runner.data.packing import pack
+    docs = random_docs(60, 97, 4)
+    return pack(docs, eot_id=99, pad_id=98, seq_len=seq_len), docs
+
+
+def test_windows_are_the_streams_tokens_at_their_offsets():
+    from runner.data import batch_loader
+    split, docs = stream_split()
+    stream = [t for d in docs for t in d + [99]]
+    doc_of = [i for i, d in enumerate(docs) for _ in range(len(d) + 1)]
+    loader = batch_loader(split, 16, seed=3, sampling="windows")
+    for _ in range(5):
+        starts = loader.starts(loader.position)
+        batch = next(loader)
+        for row, s in enumerate(starts):  # the reference, token by token, from the plain stream
+            s = int(s)
+            assert batch["input_ids"][row].tolist() == stream[s:s + 8]
+            want_labels = [stream[i + 1] if doc_of[i + 1] == doc_of[i] else -100 for i in range(s, s + 8)]
+            assert batch["labels"][row].tolist() == want_labels
+            first = [i for i in range(s, s + 8) if i == s or doc_of[i] != doc_of[i - 1]]
+            assert batch["position_ids"][row].tolist() == [i - max(j for j in first if j <= i) for i in range(s, s + 8)]
+            assert batch["document_ids"][row].tolist() == doc_of[s:s + 8]
+    everywhere = np.concatenate([loader.starts(k) for k in range(200)])
+    assert everywhere.min() == 0 and everywhere.max() == split.n_tokens - 9  # every offset can be drawn
+
+
+def test_random_window_batches_resume_exactly_after_a_state_dict_round_trip():
+    from runner.data import batch_loader
+    split, _ = stream_split()
+    first = batch_loader(split, 4, seed=7, sampling="windows")
+    for _ in range(3):
+        next(first)
+    state = first.state_dict()
+    expected = [next(first) for _ in range(4)]
+    resumed = batch_loader(split, 4, seed=7, sampling="windows")
+    resumed.load_state_dict(state)
+    for want, got in zip(expected, (next(resumed) for _ in range(4))):
+        for name in want:
+            assert torch.equal(want[name], got[name]), name
+    other = batch_loader(split, 4, seed=8, sampling="windows")  # the seed decides the windows
+    assert not torch.equal(next(other)["input_ids"], next(batch_loader(split, 4, seed=7, sampling="windows"))["input_ids"])
+    # two shards of half a batch draw exactly the windows of one whole batch, and refuse a rows checkpoint
+    halves = [batch_loader(split, 2, seed=7, rank=r, world_size=2, sampling="windows") for r in range(2)]
+    whole = next(batch_loader(split, 4, seed=7, sampling="windows"))["input_ids"]
+    parts = [next(h)["input_ids"] for h in halves]
+    assert torch.equal(torch.stack(parts, 1).reshape(4, -1), whole)
+    with pytest.raises(ValueError, match="data.sampling=rows"):
+        resumed.load_state_dict({"epoch": 0, "position": 1})
+    with pytest.raises(ValueError, match="data.sampling='random'"):
+        batch_loader(split, 4, sampling="random")
+
+
+# ---------------------------------------------------------------------------------------------------- task=data
+
+def test_task_data_prepares_the_runs_own_cache(tmp_path, monkeypatch, capsys):
+    from runner.data import main
+    write_files(tmp_path / "c", {f"{i}.txt": f"document {i} " * 30 for i in range(6)})
+    cfg = make_cfg(tmp_path, paths=[str(tmp_path / "c" / "*.txt")], val_paths=[str(tmp_path / "c" / "0.txt")],
+                   seq_len=16)
+    cfg.data.bench = False
+    monkeypatch.chdir(tmp_path)  # outside Hydra, the output directory is the cwd
+    prepared = main(cfg)
+    printed = capsys.readouterr().out
+    assert "ready in" in printed and (tmp_path / "data_stats.json").exists() and not prepared["cached"]
+    then = build_data(cfg)  # what a training run then loads: nothing to train or tokenize
+    assert then.stats["cached"] and not then.stats["tokenizer"]["trained"]
+    assert then.stats["cache_path"] == prepared["cache_path"] and then.stats["cache_path"].startswith(str(tmp_path / "cache"))
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+
+@pytest.mark.slow
+def test_a_windows_run_resumes_to_the_uninterrupted_curve(tmp_path, cache_dir):
+    from test_train import results, run, strip_timing
+    args = ["hydra.run.dir=run", "train.checkpoint_every=3", "data.sampling=windows"]
+    run(args, tmp_path, cache_dir)
+    full = results(tmp_path / "run")["curves"]
+    sorted((tmp_path / "run" / "checkpoints").glob("step_*.pt"))[-1].unlink()  # as if it died after step 3
+    run([*args, "train.resume=true"], tmp_path, cache_dir)
+    resumed = results(tmp_path / "run")
+    assert resumed["resumed_from"].endswith("step_0000003.pt")
+    assert strip_timing(resumed["curves"]["train"]) == strip_timing(full["train"])
+
+
+@pytest.mark.slow
+def test_char_and_pretokenized_runs_train(tmp_path, cache_dir, monkeypatch):
+    """tokenizer=char on a text, then nanoGPT-style bins of its ids with tokenizer=ids: both train and evaluate."""
+    from test_train import results, run
+    write_files(tmp_path / "c", {"train.txt": CHAR_TEXT * 40, "val.txt": CHAR_TEXT * 5})
+    run(["hydra.run.dir=char", "tokenizer=char", "data=local", "data.paths=[c/*.txt]", "data.val_paths=[c/val.txt]",
+         "data.max_documents=null", "data.seq_len=16"], tmp_path, cache_dir)
+    char = results(tmp_path / "char")
+    assert char["status"] == "ok" and char["data"]["tokenizer"]["kind"] == "char"
+    assert char["data"]["documents"] == {"train": 1, "val": 1}
+    ids = np.random.default_rng(0).integers(0, 65, 4000).astype(np.uint16)
+    ids.tofile(tmp_path / "train.bin")
+    ids[:600].tofile(tmp_path / "val.bin")
+    import test_train  # data=tokenized has no data.max_documents to cap: the tiny run without it
+    monkeypatch.setattr(test_train, "TINY", [a for a in test_train.TINY if not a.startswith("data.max_documents")])
+    run(["hydra.run.dir=bins", "data=tokenized", "data.paths=[train.bin]", "data.val_paths=[val.bin]", "tokenizer=ids",
+         "tokenizer.vocab_size=65", "data.sampling=windows", "data.seq_len=16"], tmp_path, cache_dir)
+    bins = results(tmp_path / "bins")
+    assert bins["status"] == "ok" and bins["data"]["tokens"] == {"train": 4000, "val": 600}

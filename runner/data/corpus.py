@@ -84,7 +84,8 @@ def load_corpus(data_cfg, cache_dir: str | os.PathLike) -> Corpus:
 
     if source == "hub" and data_cfg.get("streaming", False):
         spec = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in data_cfg.items()
-                if k not in ("seq_len", "packing", "rebuild", "num_proc", "verify", "shard_tokens", "name")}
+                if k not in ("seq_len", "packing", "sampling", "bench", "rebuild", "num_proc", "verify", "shard_tokens",
+                             "name")}
         meta["skipped_empty_documents"] = None  # unknown until read
         for split, docs in raw:  # only the first document of each: a wrong text_field fails here, not later
             if next(iter(docs()), None) is None and split != "val":
