@@ -91,8 +91,9 @@ def main(cfg: DictConfig):
         with config_checks():  # before any data is read, weight allocated or W&B run started
             check_model_config(cfg.model)
             check_train_config(cfg)
-            from runner.data import check_data_config
+            from runner.data import check_data_config, check_tokenizer_config
             check_data_config(cfg.data)
+            check_tokenizer_config(cfg.tokenizer)
             if is_main:  # rank 0 holds the checkpoints
                 require_checkpoint_to_resume(cfg, out_dir)
         dist = distributed.setup(cfg.train.distributed, cfg.train.device, cfg.train.get("data_wait_timeout_s", 7200))
@@ -112,7 +113,7 @@ class Trainer:
     logging, evaluation and checkpoints between them), wrap_up (final checkpoint and evaluation)."""
 
     def __init__(self, cfg: DictConfig, results: Results, logger, out_dir, dist: distributed.Dist):
-        from runner.data import BatchLoader, build_data  # imported here so that `--cfg job` stays light
+        from runner.data import batch_loader, build_data  # imported here so that `--cfg job` stays light
 
         self.cfg, self.t, self.results, self.logger, self.out_dir, self.dist = cfg, cfg.train, results, logger, out_dir, dist
         t, device = cfg.train, dist.device
@@ -156,8 +157,9 @@ class Trainer:
         # hold does not depend on how the work is split: one process with grad_accum=2 computes exactly what
         # two ranks with grad_accum=1 compute, and a checkpoint's loader position fits any split.
         shards = dist.world_size * t.grad_accum
-        self.loaders = [BatchLoader(self.data.train, t.batch_size // shards, seed=t.seed,
-                                    rank=dist.rank * t.grad_accum + a, world_size=shards) for a in range(t.grad_accum)]
+        self.loaders = [batch_loader(self.data.train, t.batch_size // shards, seed=t.seed,
+                                     rank=dist.rank * t.grad_accum + a, world_size=shards,
+                                     sampling=cfg.data.get("sampling", "rows")) for a in range(t.grad_accum)]
         peak = _peak_flops(device)
         self.peak_flops = peak * dist.world_size if peak else None
         self.step, self.curves = 0, {"train": [], "val": []}

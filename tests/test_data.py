@@ -372,6 +372,7 @@ def test_a_hugging_face_tokenizer_by_path(tmp_path, txt_cfg):
 
 def test_main_prints_and_writes_the_statistics(tmp_path, txt_cfg, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # outside Hydra, the output directory is the cwd
+    txt_cfg.data.bench = True
     stats = main(txt_cfg)
     printed = capsys.readouterr().out
     for word in ("documents", "tokens", "rows", "packing efficiency", "tokens/s", "cold build", "cached load"):

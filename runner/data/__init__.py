@@ -9,7 +9,8 @@ Documents are streamed and tokenized in bounded chunks by `data.num_proc` worker
 (runner/data/encode.py) into one flat uint16/uint32 token stream per split plus document offsets, cached under
 `cache_dir/packed/` by corpus fingerprint, tokenizer fingerprint, seq_len and packing (runner/data/store.py);
 rows and their labels, positions and document ids are derived per batch (runner/data/packing.py).
-`python run.py task=data` is the data benchmark: a cold build in a fresh cache, then the cached load.
+`python run.py task=data` prepares the run's cache (and prints its statistics); `task=data data.bench=true` is the
+data benchmark: a cold build in a fresh cache, then the cached load.
 """
 import hashlib
 import json
@@ -26,9 +27,10 @@ import torch
 
 from runner.data.corpus import load_corpus, local_files
 from runner.data.encode import tokenize_streams
+from runner.data.sampling import SAMPLING, WindowLoader, batch_loader  # noqa: F401 (the loaders' public face)
 from runner.data.packing import PACKING_MODES, PackedSplit, TokenSplit, rows_needed
 from runner.data.store import SPLITS, SplitWriter, commit_entry, disk_bytes, load_entry, new_entry, token_dtype
-from runner.data.tokenizer import Tokenizer, build_tokenizer
+from runner.data.tokenizer import Tokenizer, build_tokenizer, check_tokenizer_config
 from runner.task import config_checks
 
 log = logging.getLogger(__name__)
@@ -61,8 +63,13 @@ def check_data_config(d) -> None:
         raise ValueError(f"data.shard_tokens={d.get('shard_tokens')} must be >= 1")
     if d.get("verify", "size") not in VERIFY:
         raise ValueError(f"data.verify={d.get('verify')!r} must be one of {VERIFY}")
+    if d.get("sampling", "rows") not in SAMPLING:
+        raise ValueError(f"data.sampling={d.get('sampling')!r} must be one of {SAMPLING}")
     if d.get("source") == "local":
         local_files(d)  # the files exist (globs only, nothing read)
+    if d.get("source") == "tokenized":
+        from runner.data.tokenized import check_tokenized_config
+        check_tokenized_config(d)
 
 
 def build_data(cfg, cache_dir=None, rebuild: bool | None = None, num_proc: int | None = None) -> Data:
@@ -74,6 +81,11 @@ def build_data(cfg, cache_dir=None, rebuild: bool | None = None, num_proc: int |
     cache_dir = Path(cache_dir if cache_dir is not None else cfg.cache_dir)
     rebuild = bool(d.get("rebuild", False)) if rebuild is None else rebuild
 
+    with config_checks():
+        check_tokenizer_config(cfg.tokenizer)
+    if d.get("source") == "tokenized":  # ids made elsewhere (nanoGPT, datatrove): read where they lie
+        from runner.data.tokenized import build_tokenized_data
+        return build_tokenized_data(cfg, cache_dir)
     log.info(f"data: reading the {d.name} corpus")
     with config_checks():  # what the corpus itself refuses (too small to split, no documents) names the key to change
         corpus = load_corpus(d, cache_dir)
@@ -210,6 +222,8 @@ class BatchLoader:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("sampling", "rows") != "rows":
+            raise ValueError("the checkpoint's loader drew random windows; resume it with data.sampling=windows")
         if not 0 <= state["position"] <= self.batches_per_epoch:
             raise ValueError(f"loader state position={state['position']} does not fit an epoch of "
                              f"{self.batches_per_epoch} batches: was it saved with another batch size or corpus?")
@@ -225,17 +239,40 @@ def iter_eval_batches(split: PackedSplit, batch_size: int, max_batches: int | No
         yield to_batch(split, rows[b * batch_size:(b + 1) * batch_size])
 
 
-# ---------------------------------------------------------------------------------------------------- benchmark
+# ---------------------------------------------------------------------------------------------------- task=data
 
 def main(cfg):
-    """`python run.py task=data`: build the data cold (in a fresh cache directory, tokenizer training
-    included) with one tokenizing process, tokenize again with N worker processes (data.num_proc, or every
+    """`python run.py task=data`: prepare the run's data in its own cache (what train, eval and bench then
+    load: the tokenizer trained, both splits tokenized), print the corpus statistics, write data_stats.json.
+    `task=data data.bench=true` is the data benchmark instead (see benchmark())."""
+    from runner.tracking import atomic_write_json, output_dir
+
+    with config_checks():
+        check_data_config(cfg.data)
+        check_tokenizer_config(cfg.tokenizer)
+    if cfg.data.get("bench", False):
+        return benchmark(cfg)
+    stats = build_data(cfg).stats
+    how = "already cached" if stats["cached"] else f"built in {stats['build_seconds']:.1f} s"
+    print(format_table(stats) + f"\nready in {stats.get('cache_path') or stats.get('files')} ({how})")
+    path = output_dir() / "data_stats.json"
+    atomic_write_json(path, stats)
+    print(f"wrote {path}")
+    return stats
+
+
+def benchmark(cfg):
+    """`python run.py task=data data.bench=true`: build the data cold (in a fresh cache directory, tokenizer
+    training included) with one tokenizing process, tokenize again with N worker processes (data.num_proc, or every
     core when it is 1), load the result from the cache and derive every row once; print the corpus
-    statistics and write data_stats.json."""
+    statistics and write data_stats.json. The run's own cache is left as it was."""
     import os
 
     from runner.tracking import atomic_write_json, output_dir
 
+    if cfg.data.get("source") == "tokenized":
+        with config_checks():
+            raise ValueError("data.bench=true measures tokenizing, and data=tokenized has nothing to tokenize")
     cache_root = Path(cfg.cache_dir)
     cache_root.mkdir(parents=True, exist_ok=True)
     workers = int(cfg.data.get("num_proc", 1)) if int(cfg.data.get("num_proc", 1)) > 1 else max(2, os.cpu_count() or 1)
@@ -267,13 +304,12 @@ def summary(s: dict) -> dict:
             "num_proc": s["num_proc"], "tokenize_pack_tokens_per_s": tokens / tokenize_s if tokenize_s else None}
 
 
-def format_stats(s: dict) -> str:
+def format_table(s: dict) -> str:
+    """The corpus, its tokenizer and the split's documents, tokens, rows, packing and bytes on disk."""
     tok, eff = s["tokenizer"], s["packing_efficiency_by_mode"]
-    cold, parallel, cached = s["cold"], s["parallel"], s["cached_load"]
     other = [m for m in PACKING_MODES if m != s["packing"]][0]
-    mib = 2 ** 20
     lines = [
-        f"corpus {s['corpus']} ({s['source']}, Python {s['python_version']}, fingerprint {s['fingerprint']})",
+        f"corpus {s['corpus']} ({s['source']}, Python {s.get('python_version', '-')}, fingerprint {s['fingerprint']})",
         f"tokenizer {tok['kind']} (vocab {tok['vocab_size']}), seq_len {s['seq_len']}, packing {s['packing']}",
         "",
         f"{'':<28}{'train':>12}{'val':>12}",
@@ -286,7 +322,15 @@ def format_stats(s: dict) -> str:
         f"{'  with packing=' + other:<28}{eff[other]['train']:>12.1%}{eff[other]['val']:>12.1%}",
         f"{'on disk (bytes)':<28}{s['disk_bytes']['train']:>12,}{s['disk_bytes']['val']:>12,}"
         f"   ({s['bytes_per_token']:.2f} bytes/token, {s['token_dtype']} ids + int64 document offsets)",
-        "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def format_stats(s: dict) -> str:
+    cold, parallel, cached = s["cold"], s["parallel"], s["cached_load"]
+    mib = 2 ** 20
+    lines = [
+        format_table(s),
         f"cold build    {cold['seconds']['total']:7.2f} s  {cold['tokens_per_s']:>12,.0f} tokens/s   (corpus "
         f"{cold['seconds']['corpus']:.2f} s, tokenizer {cold['seconds']['tokenizer']:.2f} s, tokenize "
         f"{cold['seconds']['tokenize']:.2f} s = {cold['tokenize_pack_tokens_per_s'] or 0:,.0f} tokens/s with 1 process)",

@@ -78,13 +78,14 @@ def load_corpus(data_cfg, cache_dir: str | os.PathLike) -> Corpus:
         raw = hub_streams(data_cfg, skipped)  # a Hub dataset may bring its own validation split
         meta.update(dataset=data_cfg.dataset, config_name=data_cfg.get("config_name"))
     elif source == "local":
-        raw = [(None, lambda: itertools.islice(non_empty(local_documents(data_cfg, cache_dir), skipped), max_docs))]
+        raw = local_streams(data_cfg, cache_dir, skipped, max_docs)
     else:
         raise ValueError(f"data.source={source!r} is not a source; choose stdlib, hub or local")
 
     if source == "hub" and data_cfg.get("streaming", False):
         spec = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in data_cfg.items()
-                if k not in ("seq_len", "packing", "rebuild", "num_proc", "verify", "shard_tokens", "name")}
+                if k not in ("seq_len", "packing", "sampling", "bench", "rebuild", "num_proc", "verify", "shard_tokens",
+                             "name")}
         meta["skipped_empty_documents"] = None  # unknown until read
         for split, docs in raw:  # only the first document of each: a wrong text_field fails here, not later
             if next(iter(docs()), None) is None and split != "val":
@@ -93,7 +94,7 @@ def load_corpus(data_cfg, cache_dir: str | os.PathLike) -> Corpus:
         return Corpus(data_cfg.name, fp, [split_stream(r, val_fraction, None) for r in raw], meta)
 
     # One pass: count each split, find the held-out fallback, hash every key and text.
-    h, counts, lowest = hashlib.sha256(), {"train": 0, "val": 0}, None
+    h, counts, lowest, val_keys = hashlib.sha256(), {"train": 0, "val": 0}, None, []
     for i, (split, docs) in enumerate(raw):
         for key, text in docs():
             data = text.encode("utf-8", "surrogatepass")
@@ -101,6 +102,8 @@ def load_corpus(data_cfg, cache_dir: str | os.PathLike) -> Corpus:
             h.update(data)
             score = key_score(key)
             counts[split or ("val" if score < val_fraction else "train")] += 1
+            if split is None and score < val_fraction:
+                val_keys.append(key)
             if split is None and (lowest is None or score < lowest[0]):
                 lowest = (score, key)
     held_out = None
@@ -109,6 +112,8 @@ def load_corpus(data_cfg, cache_dir: str | os.PathLike) -> Corpus:
         # (deterministic, and still chosen by key, not by position).
         held_out = lowest[1]
         counts = {"train": counts["train"] - 1, "val": 1}
+    if raw[0][0] is None:
+        log_hashed_split(data_cfg, counts, val_keys, held_out)
     h.update(json.dumps([val_fraction, held_out]).encode())
 
     meta["skipped_empty_documents"] = skipped["n"]
@@ -116,12 +121,25 @@ def load_corpus(data_cfg, cache_dir: str | os.PathLike) -> Corpus:
         raise ValueError(f"corpus {data_cfg.name!r} has no non-empty documents ({skipped['n']} empty ones skipped)")
     if not counts["train"]:
         raise ValueError(f"corpus {data_cfg.name!r} has no training documents; lower data.val_fraction")
+    if not counts["val"] and data_cfg.get("val_paths"):
+        raise ValueError(f"data.val_paths={list_of(data_cfg.val_paths)} holds no non-empty document")
     if not counts["val"] and data_cfg.get("val_split"):
         raise ValueError(f"data.val_split={data_cfg.val_split!r} of {data_cfg.name!r} has no non-empty documents")
     if not counts["val"] and val_fraction > 0:
         raise ValueError(f"corpus {data_cfg.name!r} is too small to hold out a validation document "
                          f"({counts['train']} documents); add documents or set data.val_fraction=0")
     return Corpus(data_cfg.name, h.hexdigest()[:16], [split_stream(r, val_fraction, held_out) for r in raw], meta)
+
+
+def log_hashed_split(data_cfg, counts: dict, val_keys: list[str], held_out: str | None) -> None:
+    """Say which documents (for data=local with one document per file: which files) the hash put in validation,
+    so that a file meant for validation and landed in training is seen at once."""
+    shown = val_keys[:20] + (["..."] if len(val_keys) > 20 else [])
+    log.info(f"data: split by a hash of each document's key (data.val_fraction={data_cfg.val_fraction}): "
+             f"{counts['train']} training, {len(val_keys)} validation documents {shown}")
+    if held_out is not None:
+        log.warning(f"data: no key hashed below data.val_fraction={data_cfg.val_fraction}; holding out {held_out!r} "
+                    f"(the lowest hash) for validation. Name validation files with data.val_paths (data=local)")
 
 
 def non_empty(docs: Iterable[tuple[str, str]], skipped: dict) -> Iterator[tuple[str, str]]:
@@ -171,34 +189,56 @@ def read_python_source(path: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------------- local
 
-def local_files(data_cfg) -> list[str]:
-    """The files `data.paths` names (paths or globs, `**` recursing), in order; a clear error when there are none.
-    Cheap (globs only): the config checks call it before any data is read."""
-    patterns = data_cfg.paths
-    if patterns is None or len(patterns) == 0:
-        raise ValueError("data.paths is empty; give a file, a directory's glob (e.g. 'corpus/*.txt') or a list")
-    if isinstance(patterns, str):
-        patterns = [patterns]
+def list_of(patterns) -> list[str]:
+    if patterns is None:
+        return []
+    return [str(patterns)] if isinstance(patterns, str) else [str(p) for p in patterns]
+
+
+def local_files(data_cfg, key: str = "paths") -> list[str]:
+    """The files `data.<key>` names (paths or globs, `**` recursing), in order; a clear error when there are none.
+    Training files are those of data.paths less any of data.val_paths. Cheap (globs only): the config checks
+    call it before any data is read."""
+    patterns = list_of(data_cfg.get(key))
+    if not patterns:
+        raise ValueError(f"data.{key} is empty; give a file, a directory's glob (e.g. 'corpus/*.txt') or a list")
     files = []
     for pattern in patterns:
-        pattern = os.path.expanduser(str(pattern))
+        pattern = os.path.expanduser(pattern)
         matched = sorted(glob.glob(pattern, recursive=True))
         if not matched:
-            raise FileNotFoundError(f"data.paths={pattern!r}: no file matches it (relative to {os.getcwd()})")
+            raise FileNotFoundError(f"data.{key}={pattern!r}: no file matches it (relative to {os.getcwd()})")
         files += [f for f in matched if os.path.isfile(f)]
     if not files:
-        raise FileNotFoundError(f"data.paths={list(patterns)} matches only directories; use a glob such as 'dir/*.txt'")
+        raise FileNotFoundError(f"data.{key}={patterns} matches only directories; use a glob such as 'dir/*.txt'")
+    if key == "paths" and data_cfg.get("val_paths"):
+        held = {os.path.realpath(f) for f in local_files(data_cfg, "val_paths")}
+        files = [f for f in files if os.path.realpath(f) not in held]
+        if not files:
+            raise ValueError(f"data.paths={patterns} holds only the data.val_paths files: no training file is left")
     return files
 
 
-def local_documents(data_cfg, cache_dir) -> Iterator[tuple[str, str]]:
-    """Documents from local files: every path or glob in `data.paths`, sorted, then read by format."""
-    files = local_files(data_cfg)
+def local_streams(data_cfg, cache_dir, skipped: dict, max_docs):
+    """[(split or None, documents)] of local files: data.paths split by key (None), or, with data.val_paths,
+    exactly those files as validation and the rest of data.paths as training (nothing hashed)."""
+    def stream(key):
+        return lambda: itertools.islice(non_empty(local_documents(data_cfg, cache_dir, key), skipped), max_docs)
+    if not data_cfg.get("val_paths"):
+        return [(None, stream("paths"))]
+    log.info(f"data: validation = data.val_paths {local_files(data_cfg, 'val_paths')}; "
+             f"training = data.paths {local_files(data_cfg)}")
+    return [("train", stream("paths")), ("val", stream("val_paths"))]
+
+
+def local_documents(data_cfg, cache_dir, key: str = "paths") -> Iterator[tuple[str, str]]:
+    """Documents from local files: every path or glob in `data.<key>`, sorted, then read by format."""
+    files = local_files(data_cfg, key)
 
     fmt = data_cfg.get("format", "auto")
     formats = {file_format(f) if fmt == "auto" else fmt for f in files}
     if len(formats) != 1:
-        raise ValueError(f"data.paths mixes formats {sorted(formats)}; give one format at a time")
+        raise ValueError(f"data.{key} mixes formats {sorted(formats)}; give one format at a time")
     fmt = formats.pop()
     if fmt == "txt":
         yield from text_documents(files, data_cfg.get("txt_documents", "file"))

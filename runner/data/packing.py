@@ -116,6 +116,20 @@ class TokenSplit:
             d = np.searchsorted(self.first_row, r, side="right") - 1
             start = offsets[d] + (r - self.first_row[d]) * T
             end = np.minimum(start + T, offsets[d + 1])
+        out = self.slots(start, end)
+        return {k: v[0] for k, v in out.items()} if scalar else out
+
+    def windows(self, starts) -> dict[str, np.ndarray]:
+        """The four (len(starts), seq_len) arrays of windows of the stream starting at any token (nanoGPT's
+        random offsets), whatever data.packing says; a document cut by a window's start has positions from 0."""
+        start = np.asarray(starts, dtype=np.int64)
+        if start.size and (start.min() < 0 or start.max() > self.n_tokens - self.seq_len - 1):
+            raise IndexError(f"a window of {self.seq_len} tokens and its last label must fit the {self.n_tokens} tokens")
+        return self.slots(start, start + self.seq_len)
+
+    def slots(self, start: np.ndarray, end: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows of the stream's slots [start, end), padded to seq_len: the packing conventions above."""
+        T, offsets = self.seq_len, self.offsets
         s = start[:, None] + np.arange(T + 1)                  # (B, T + 1): the slots and one more for labels
         real = s[:, :T] < end[:, None]                           # (B, T)
         g = self.take(np.minimum(s, max(self.n_tokens - 1, 0))) if self.n_tokens else np.zeros(s.shape, np.int64)
@@ -126,8 +140,7 @@ class TokenSplit:
         labels = np.where(real & (s[:, 1:] < doc_end), g[:, 1:], IGNORE)  # the eot's next slot is another document
         position_ids = np.where(real, s[:, :T] - np.maximum(doc_start, start[:, None]), 0)
         document_ids = np.where(real, doc, PAD_DOC)
-        out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "document_ids": document_ids}
-        return {k: v[0] for k, v in out.items()} if scalar else out
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "document_ids": document_ids}
 
     # The whole split's arrays, materialized: for tests and small corpora only (training reads rows()).
     input_ids = property(lambda self: self.rows(slice(None))["input_ids"])
