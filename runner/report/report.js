@@ -276,7 +276,7 @@
     });
   }
 
-  // One drawing function per chart kind (<figure data-chart="KIND">); DATA.runs holds the compared runs only.
+  // One drawing function per chart kind (a figure with data-chart=KIND); DATA.runs holds the compared runs only.
   // Every chart's svg is fitted to what it drew, so that no label is clipped.
   var draw = {curves: curves, pareto: pareto, bars: bars, effect: effect};
   document.querySelectorAll("figure[data-chart]").forEach(function (fig) {
