@@ -60,8 +60,10 @@ LAYOUT = """<script>(function () {
                         || b.bottom > box.bottom + 0.5)) out.clipped.push(name + ": " + t.textContent);
       });
     });
-    fig.querySelectorAll(".legend span").forEach(function (item) {
-      if (item.getClientRects().length > 1) out.broken.push(name + ": " + item.textContent); });
+    var edge = r(fig).right;
+    fig.querySelectorAll(".legend span").forEach(function (item) {  // one line, inside the figure
+      var b = r(item), em = parseFloat(getComputedStyle(item).fontSize);
+      if (b.height > 2 * em || b.right > edge + 0.5) out.broken.push(name + ": " + item.textContent); });
   });
   document.body.setAttribute("data-layout", JSON.stringify(out));
 })();</script></body>"""

@@ -151,7 +151,7 @@ def short_labels(runs: list[dict], compared: list[dict]) -> None:
         r["short"] = ", ".join(named + lr + [f"seed={r['seed']}"] * multi_seed) or r["label"]
     _tell_apart(compared, "short")
     for r in runs:
-        if r.get("left_out") is not None or "short" not in r:
+        if r.get("left_out") is not None:
             r["short"] = r["variant_short"] = r["label"]
         r["title"] = ", ".join(f"{k}={fmt_value(v)}" for k, v in r["variant"].items() if v is not None) + "".join(
             f", {k}={v:g}" if k == "lr" else f", {k}: {v}" for k, v in (("lr", r["lr"]), ("budget", r["budget"]))
