@@ -107,11 +107,12 @@ def plot_memory(report, path):
     for ax, (key, title, values) in zip(axes[0], panels):
         names = list(values)[::-1]
         short = {r["variant_label"]: r["variant_short"] for r in _compared(report)}
-        bars = ax.barh([short[v] for v in names], [values[v][0] for v in names],
-                       color=[report["colors"][v] for v in names])
-        labels = [fmt(key, values[v][0]) + (" (from config)" if values[v][1] else "") for v in names]
+        rows = list(range(len(names)))  # by position: two variants may share a short name
+        bars = ax.barh(rows, [values[v][0] for v in names], color=[report["colors"][v] for v in names])
+        ax.set_yticks(rows, [short[v] for v in names])
+        labels = [fmt(key, values[v][0]) + ("*" if values[v][1] else "") for v in names]  # as on the page
         ax.bar_label(bars, labels=labels, padding=3, fontsize=8)
-        ax.set_title(title)
+        ax.set_title(title + ("\n(*: counted by the model)" if any(values[v][1] for v in names) else ""))
         ax.set_xticks([])
         ax.grid(False)
         ax.margins(x=0.25)
