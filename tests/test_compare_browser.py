@@ -173,6 +173,7 @@ def test_report_from_real_runs_renders_in_chromium(real_runs, tmp_path):
     # runs trained with train.bench=false have no peak memory: that chart says so instead of drawing
     assert drawn.pop("bars:peak_memory_bytes") in ("true", "empty")
     assert set(drawn.values()) == {"true"} and "effect:0" in drawn
+    assert_layout_holds(html, tmp_path)
     screenshot(html, tmp_path, height)
 
 
