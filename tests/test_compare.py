@@ -82,6 +82,22 @@ def fixture_sweep(root) -> Path:
     return sweep
 
 
+def fixture_with_long_run(root) -> Path:
+    """The sweep above plus a loose run of another budget (300 steps, a bigger model, far faster and lower loss):
+    listed in the report, compared with nothing."""
+    sweep = fixture_sweep(root)
+    run = write_results(Path(root) / "outputs" / "runs" / "2025-01-30" / "10-00-00_long", "mha", 4, "gelu", 0,
+                        val_ppl=9.0, tokens_per_s=90_000.0, peak_memory=900 * 2 ** 20)
+    record = json.loads((run / "results.json").read_text())
+    record["curves"] = {"train": [{"step": s, "tokens": 128 * s, "loss": math.log(9.0) + 2.0 / s} for s in range(1, 301)],
+                        "val": [{"step": 300, "tokens": 128 * 300, "loss": math.log(9.0)}]}
+    record["variant"].update(d_model=64, preset="mha_rope_long")
+    record["config"]["train"]["max_steps"] = 300
+    record["started_at"] = "2025-01-30T10:00:00+0000"
+    (run / "results.json").write_text(json.dumps(record))
+    return sweep
+
+
 @pytest.fixture
 def sweep(tmp_path):
     return fixture_sweep(tmp_path)
@@ -362,3 +378,80 @@ def test_wandb_without_api_key_fails_first(sweep, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="no W&B API key is configured: run `wandb login` or set WANDB_API_KEY"):
         compare.main(cfg)
     assert not (tmp_path / "r").exists()  # nothing was written
+
+
+# ------------------------------------------------------- the page shows the compared runs only (issue 26)
+
+def _page_data(page: str) -> dict:
+    return json.loads(re.search(r'<script id="report-data" type="application/json">(.*?)</script>', page,
+                                re.S).group(1).replace("<\\/", "</"))
+
+
+def test_charts_and_cards_show_the_compared_runs_only(tmp_path):
+    """A run of another budget and sweep (faster, lower loss, 300 steps) stays in the runs table but is in no
+    chart, card or plot: the cards name the best compared run by a naive search over the compared records."""
+    sweep = fixture_with_long_run(tmp_path)
+    report = build_report(gather([tmp_path / "outputs"]), ["outputs"])
+    write_report(report, tmp_path / "r", png=True)
+    page = (tmp_path / "r" / "report.html").read_text()
+    records = [json.loads(p.read_text()) for p in sweep.rglob("results.json")]  # the sweep's runs: the compared
+    ok = [d for d in records if d["status"] == "ok"]
+    data = _page_data(page)
+    assert len(data["runs"]) == len(records) and "10-00-00_long" not in json.dumps(data["runs"])
+    assert "10-00-00_long" in page.split('id="runs-table"')[1].split("</table>")[0]  # still listed
+    cards = dict(re.findall(r'<div class="k">([^<]*)</div><div class="v">([^<]*)</div>', page))
+    assert cards["fastest training"] == f"{max(d['metrics']['train_tokens_per_s'] for d in ok):,.0f} tok/s"
+    assert cards["lowest validation loss"] == f"{min(d['metrics']['val_loss'] for d in ok):.4f}"
+    assert cards["compared runs"] == f"{len(ok)} ok / {len(records)}"
+    fastest = max(ok, key=lambda d: d["metrics"]["train_tokens_per_s"])["variant"]
+    card = page.split("fastest training")[1].split('<div class="card">')[0]
+    assert f"ffn={fastest['ffn']}, attention={fastest['attention']}, seed={fastest['seed']}" in card
+    assert set(data["variants"]) == {r["variant_label"] for r in report["runs"] if r["left_out"] is None}
+
+
+def test_short_labels_name_the_choices_varied_among_the_compared_runs(tmp_path):
+    """preset and d_model differ only in the run left out: the compared runs' names leave them out, and the
+    whole variant is in the tooltip."""
+    fixture_with_long_run(tmp_path)
+    runs = gather([tmp_path / "outputs"])
+    report = build_report(runs, ["outputs"])
+    by_name = {r["name"]: r for r in report["runs"]}
+    assert by_name["0_mha"]["short"] == "ffn=swiglu, attention=mha, seed=0"
+    assert by_name["0_mha"]["variant_short"] == "ffn=swiglu, attention=mha"
+    assert by_name["18_bad"]["short"] == "ffn=swiglu, attention=gqa, n_kv_heads=3, seed=0"  # the odd field out
+    assert "preset=mha_rope_long" in by_name["10-00-00_long"]["short"]  # left out: named against every run
+    assert by_name["0_mha"]["title"].startswith("preset=gqa_rope, norm=rmsnorm, norm_position=pre, ffn=swiglu")
+    assert "d_model=32" in by_name["0_mha"]["title"] and "budget: 10 steps, seq_len=32" in by_name["0_mha"]["title"]
+    compared = [r for r in report["runs"] if r["left_out"] is None]
+    assert len({r["short"] for r in compared}) == len(compared)  # distinct
+    write_report(report, tmp_path / "r", png=False)
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert f'<span title="{by_name["0_mha"]["title"]}">ffn=swiglu, attention=mha, seed=0</span>' in page
+
+
+def test_intervals_of_throughput_are_taken_on_the_log_scale():
+    """Two seeds with very different tokens/s: the arithmetic t-interval crosses zero; the report's is exp of the
+    t-interval of the logs (checked against a naive computation), positive and around the geometric mean."""
+    t1 = 12.706204736174707  # t(0.975, df=1)
+
+    def run(i, ffn, seed, tps):
+        return {"id": str(i), "status": "ok", "val_loss": 3.0 + 0.1 * seed, "train_tokens_per_s": tps, "seed": seed,
+                "variant": {"ffn": ffn, "seed": seed}}
+
+    speeds = {"relu": (100.0, 900.0), "gelu": (400.0, 500.0)}
+    runs = [run(i, ffn, seed, speeds[ffn][seed]) for i, (ffn, seed) in enumerate(itertools.product(speeds, (0, 1)))]
+    rows = {row["choice"]: row for row in effects(runs)[0]["choices"]}
+    for ffn, (a, b) in speeds.items():
+        logs = [math.log(a), math.log(b)]
+        half = t1 * statistics.stdev(logs) / math.sqrt(2)
+        naive = (math.exp(statistics.mean(logs)), math.exp(statistics.mean(logs) - half),
+                 math.exp(statistics.mean(logs) + half))
+        row = rows[ffn]
+        assert (row["train_tokens_per_s"], row["train_tokens_per_s_lo"], row["train_tokens_per_s_hi"]) == \
+            pytest.approx(naive, rel=1e-9)
+        assert 0 < row["train_tokens_per_s_lo"] < math.sqrt(a * b) < row["train_tokens_per_s_hi"]
+    arithmetic = mean_interval(list(speeds["relu"]))
+    assert arithmetic[1] < 0  # what the report showed before: `500 [-4582, 5582]`
+    # losses keep their arithmetic interval (a difference of losses may be negative)
+    m, lo, hi = mean_interval([3.0, 3.1])
+    assert (rows["relu"]["val_loss"], rows["relu"]["val_loss_lo"], rows["relu"]["val_loss_hi"]) == pytest.approx((m, lo, hi))

@@ -1,6 +1,10 @@
 """A real browser opens the report: headless Chromium (Debian's `chromium` package) loads report.html from
 file://, runs its script, and we read the resulting DOM (--dump-dom) and the console (--enable-logging):
-every chart drawn, the table sorts on a click, no script errors, and a full-page screenshot in tmp_path."""
+every chart drawn, the table sorts on a click, no script errors, and a full-page screenshot in tmp_path; and the
+layout, measured in the browser at 1280 and 1920 px (LAYOUT): no table wider than its box, every chart at least a
+third of the page's width, no chart label outside its svg, no legend entry broken over two lines."""
+import html as htmllib
+import json
 import os
 import re
 import shutil
@@ -10,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from runner.report import build_report, gather, write_report
-from test_compare import fixture_sweep, real_runs  # noqa: F401  (real_runs is a session fixture)
+from test_compare import fixture_sweep, fixture_with_long_run, real_runs  # noqa: F401  (real_runs: a session fixture)
 
 CHROMIUM = os.environ.get("CHROMIUM") or next(
     (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "chrome")) if p), None)
@@ -31,8 +35,37 @@ HARNESS = """<script>(function () {
   item.click();
   var hidden = Array.prototype.filter.call(document.querySelectorAll('figure[data-chart="pareto"] circle'),
                                            function (c) { return c.style.display === "none"; });
-  document.body.setAttribute("data-hidden", item.textContent + ";" + hidden.length);
+  document.body.setAttribute("data-hidden", item.getAttribute("data-variant") + ";" + hidden.length);
   document.body.setAttribute("data-height", document.documentElement.scrollHeight);
+})();</script></body>"""
+
+
+# Measures the page as laid out (getBoundingClientRect) and writes the numbers into <body data-layout> as JSON.
+LAYOUT = """<script>(function () {
+  var root = document.documentElement, r = function (node) { return node.getBoundingClientRect(); };
+  var column = document.querySelector("section");  // the page's content column (body's content box)
+  var out = {window: root.clientWidth, column: r(column).width, page: [root.scrollWidth, root.clientWidth],
+             boxes: [], charts: [], clipped: [], broken: []};
+  document.querySelectorAll(".table-wrap").forEach(function (box) {
+    out.boxes.push([box.id || box.parentNode.id || box.closest("section").id, box.scrollWidth, box.clientWidth]); });
+  document.querySelectorAll("figure.chart").forEach(function (fig) {
+    var name = fig.getAttribute("data-chart") + ":" + (fig.getAttribute("data-kind") || fig.getAttribute("data-key")
+               || fig.getAttribute("data-index") || "");
+    out.charts.push([name, r(fig).width]);
+    fig.querySelectorAll("svg").forEach(function (svg) {
+      var box = r(svg);
+      svg.querySelectorAll("text").forEach(function (t) {
+        var b = r(t);
+        if (b.width && (b.left < box.left - 0.5 || b.right > box.right + 0.5 || b.top < box.top - 0.5
+                        || b.bottom > box.bottom + 0.5)) out.clipped.push(name + ": " + t.textContent);
+      });
+    });
+    var edge = r(fig).right;
+    fig.querySelectorAll(".legend span").forEach(function (item) {  // one line, inside the figure
+      var b = r(item), em = parseFloat(getComputedStyle(item).fontSize);
+      if (b.height > 2 * em || b.right > edge + 0.5) out.broken.push(name + ": " + item.textContent); });
+  });
+  document.body.setAttribute("data-layout", JSON.stringify(out));
 })();</script></body>"""
 
 
@@ -54,6 +87,29 @@ def open_report(html_path, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     height = int(re.search(r'data-height="(\d+)"', out.stdout).group(1))
     return out.stdout, console, height
+
+
+def layout(html_path, tmp_path, width) -> dict:
+    """The page's layout facts (LAYOUT) in a window `width` px wide."""
+    page = tmp_path / f"layout-{width}.html"
+    page.write_text((html_path.parent / "report.html").read_text().replace("</body>", LAYOUT))
+    out, console = chromium(tmp_path, f"--window-size={width},1000", "--dump-dom", page.as_uri())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert_clean(out.stdout, console)
+    return json.loads(htmllib.unescape(re.search(r'data-layout="([^"]*)"', out.stdout).group(1)))
+
+
+def assert_layout_holds(html_path, tmp_path):
+    for width in (1280, 1920):
+        facts = layout(html_path, tmp_path, width)
+        assert facts["window"] == width
+        assert facts["page"][0] <= facts["page"][1], f"{width} px: the page scrolls sideways: {facts['page']}"
+        assert facts["boxes"] and all(wide <= box for _, wide, box in facts["boxes"]), f"{width} px: {facts['boxes']}"
+        assert {name for name, _ in facts["charts"]} >= {"curves:val", "curves:train", "pareto:"}
+        narrow = [(name, w) for name, w in facts["charts"] if w < facts["column"] / 3]
+        assert not narrow, f"{width} px: charts under a third of the page ({facts['column']:.0f} px): {narrow}"
+        assert facts["clipped"] == [], f"{width} px: labels outside their chart"
+        assert facts["broken"] == [], f"{width} px: legend entries broken over two lines"
 
 
 def screenshot(html_path, tmp_path, height) -> Path:
@@ -102,6 +158,7 @@ def test_report_renders_in_chromium(tmp_path):
     sorted_ppl = [float(v) if v else None for v in re.search(r'data-sorted="([^"]*)"', dom).group(1).split(";")]
     finite = [v for v in sorted_ppl if v is not None]
     assert finite == sorted(finite, reverse=True) and sorted_ppl[len(finite):] == [None] * (len(runs) - len(finite))
+    assert_layout_holds(html, tmp_path)
     label, n_hidden = re.search(r'data-hidden="([^";]*);(\d+)"', dom).groups()
     assert int(n_hidden) == sum(r["variant_label"] == label for r in ok) > 0
     screenshot(html, tmp_path, height)
@@ -116,4 +173,25 @@ def test_report_from_real_runs_renders_in_chromium(real_runs, tmp_path):
     # runs trained with train.bench=false have no peak memory: that chart says so instead of drawing
     assert drawn.pop("bars:peak_memory_bytes") in ("true", "empty")
     assert set(drawn.values()) == {"true"} and "effect:0" in drawn
+    assert_layout_holds(html, tmp_path)
+    screenshot(html, tmp_path, height)
+
+
+def test_layout_with_a_run_left_out(tmp_path):
+    """A long run of another budget (another sweep) stays in the runs table, out of every chart: the curves span
+    the compared runs' tokens only, and the layout holds at 1280 and 1920 px (issue 26)."""
+    fixture_with_long_run(tmp_path)
+    runs = gather([tmp_path / "outputs"])
+    write_report(build_report(runs, ["outputs"]), tmp_path / "report", png=False)
+    html = tmp_path / "report" / "report.html"
+    dom, console, height = open_report(html, tmp_path)
+    assert_clean(dom, console)
+    compared = [r for r in runs if r["left_out"] is None]
+    assert len(compared) == len(runs) - 1
+    train = re.search(r'<figure [^>]*data-kind="train".*?</figure>', dom, re.S).group(0)
+    assert train.count('class="series"') == len(compared)  # every compared run has a training curve; not the long one
+    ticks = [t for t in re.findall(r'<text [^>]*text-anchor="middle"[^>]*>([\d.]+k?)</text>', train)]
+    top = max(float(t.rstrip("k")) * (1000 if t.endswith("k") else 1) for t in ticks)
+    assert top <= 1280 * 1.25  # the compared runs' 10 steps x 128 tokens set the axis, not the long run's 300 steps
+    assert_layout_holds(html, tmp_path)
     screenshot(html, tmp_path, height)

@@ -15,7 +15,8 @@ variant is compared at its own best lr (lowest validation loss averaged over see
 Effects: for a family (norm, ffn, attention, ...) and one of its choices, the runs with that choice are
 averaged per seed (which averages over the other families), then over seeds; with two or more seeds the
 95% interval is mean ± t(0.975, k-1) · sd / sqrt(k) over the k per-seed means, on loss (perplexity's is
-its exponential). Verdicts (runner/report/verdicts.py): each choice against a reference, paired by seed.
+its exponential; tokens/s's is taken on the log scale, so it stays positive). Charts and cards show the
+compared runs only, named by the choices varied among them (runner/report/runs.py short_labels). Verdicts (runner/report/verdicts.py): each choice against a reference, paired by seed.
 """
 from pathlib import Path
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from runner.report.format import FINISHED
 from runner.report.markdown import render_markdown
-from runner.report.runs import METRICS, colour
+from runner.report.runs import METRICS, colour, short_labels
 from runner.report.select import at_best_lr, best_learning_rates, select_comparable
 from runner.report.stats import effects, pareto_front
 from runner.report.verdicts import paired_verdicts
@@ -25,6 +25,7 @@ def build_report(runs: list[dict], dirs, tasks=("train",), sweep=None, reference
     if cost not in COSTS:
         raise ValueError(f"compare.cost={cost!r}: choose one of {sorted(COSTS)}")
     compared, chosen = select_comparable(runs, tasks, sweep)
+    short_labels(runs, compared)  # what the charts, cards and tables call each run
     tuning = best_learning_rates(compared)
     tuned = at_best_lr(compared, tuning)
     cost_key, cost_label, higher = COSTS[cost]

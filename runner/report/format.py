@@ -16,8 +16,8 @@ def fmt(key: str, x) -> str:
         return f"{x:.3g}"
     if key == "mfu":
         return f"{100 * x:.1f}%"
-    if "tokens_per_s" in key:
-        return f"{x:,.0f}"
+    if "tokens_per_s" in key:  # a small bound of a log-scale interval keeps its digits (never shown as 0)
+        return f"{x:,.0f}" if x >= 10 else f"{x:.2g}"
     if "ppl" in key:
         return f"{x:.2f}"
     return f"{x:.4f}" if isinstance(x, float) else str(x)

@@ -2,7 +2,13 @@
 script (report.js, with report.css beside it) into SVG (no CDN, no library: the page works offline and from file://).
 
 Every chart is a <figure data-chart=...>; the script sets data-rendered on each one it draws, and the page
-records uncaught script errors in <html data-errors>, which the browser test reads."""
+records uncaught script errors in <html data-errors>, which the browser test reads.
+
+Charts and cards show the compared runs only (runner/report/select.py: left_out is None); the others stay in
+the runs table. The script's data (DATA.runs) holds only those. A new chart section is a function here that
+returns a <section> with <figure class="chart" data-chart="KIND" ...> (added to `parts` in render_html, its
+data to `data` if DATA lacks it) and a function KIND(fig) in report.js registered in its `draw` table; the
+browser test then checks it is drawn, at least a third of the page wide, with no label clipped."""
 import html
 import json
 from importlib import resources
@@ -20,12 +26,15 @@ def _asset(name: str) -> str:
 
 def render_html(report: dict) -> str:
     runs = report["runs"]
+    shown = compared(report)
     data = {
         "colors": report["colors"],
-        "runs": [{k: r.get(k) for k in ("id", "label", "variant_label", "status", "pareto", "val_ppl", "val_loss",
-                                         "train_tokens_per_s", "peak_memory_bytes", "kv_cache_bytes_per_token",
-                                         "kv_estimated", "curves", "flops_per_token", "params", "train_flops",
-                                         "left_out")} for r in runs],
+        "runs": [{k: r.get(k) for k in ("id", "label", "short", "title", "variant_label", "status", "pareto", "val_ppl",
+                                         "val_loss", "train_tokens_per_s", "peak_memory_bytes",
+                                         "kv_cache_bytes_per_token", "kv_estimated", "curves", "flops_per_token",
+                                         "params", "train_flops", "left_out")} for r in shown],
+        # a legend entry per variant: its short name, the whole variant in the tooltip
+        "variants": {r["variant_label"]: {"short": r["variant_short"], "title": _variant_title(r)} for r in shown},
         "effects": report["effects"],
         "cost": report["cost"],
     }
@@ -47,34 +56,47 @@ def _e(x) -> str:
     return html.escape("–" if x is None else str(x))
 
 
+def compared(report) -> list[dict]:
+    """The runs every chart and card shows: those the report compares (the others stay in the runs table)."""
+    return [r for r in report["runs"] if r.get("left_out") is None]
+
+
+def _variant_title(r) -> str:
+    return ", ".join(f"{k}={v}" for k, v in r["variant"].items() if v is not None and k != "seed")
+
+
+def _name(r) -> str:
+    """A run's short name, its whole variant in the tooltip."""
+    return f'<span title="{_e(r["title"])}">{_e(r["short"])}</span>'
+
+
 def _header(report) -> str:
-    runs = report["runs"]
-    done = [r for r in runs if r["status"] == FINISHED]
+    runs, mine = report["runs"], compared(report)
+    done = [r for r in mine if r["status"] == FINISHED]  # the cards name compared runs only
     cards = []
-    best = min((r for r in done if r["val_loss"] is not None and not r["left_out"]), key=lambda r: r["val_loss"],
-               default=None)
+    best = min((r for r in done if r["val_loss"] is not None), key=lambda r: r["val_loss"], default=None)
     if best:
-        cards.append(("lowest validation loss", fmt("val_loss", best["val_loss"]), best["label"]))
+        cards.append(("lowest validation loss", fmt("val_loss", best["val_loss"]), best))
     fast = max((r for r in done if r["train_tokens_per_s"] is not None),
                key=lambda r: r["train_tokens_per_s"], default=None)
     if fast:
-        cards.append(("fastest training", fmt("train_tokens_per_s", fast["train_tokens_per_s"]) + " tok/s",
-                      fast["label"]))
-    small = min((r for r in runs if r["kv_cache_bytes_per_token"] is not None),
+        cards.append(("fastest training", fmt("train_tokens_per_s", fast["train_tokens_per_s"]) + " tok/s", fast))
+    small = min((r for r in mine if r["kv_cache_bytes_per_token"] is not None),
                 key=lambda r: r["kv_cache_bytes_per_token"], default=None)
     if small:
         cards.append(("smallest KV cache", fmt("kv_cache_bytes_per_token", small["kv_cache_bytes_per_token"])
-                      + "/token", small["label"]))
+                      + "/token", small))
     unfinished, config = len(report["not_finished"]), len(report.get("config_errors", []))
-    cards.append(("runs", f"{len(done)} ok / {len(runs)}", ", ".join(
-        [f"{unfinished} did not finish"] * bool(unfinished) + [f"{config} stopped by a config error"] * bool(config))
-        or "all finished"))
+    left_out = len(runs) - len(mine)
+    cards.append(("compared runs", f"{len(done)} ok / {len(mine)}", ", ".join(
+        [f"{left_out} more listed, not compared"] * bool(left_out) + [f"{unfinished} did not finish"] * bool(unfinished)
+        + [f"{config} stopped by a config error"] * bool(config)) or "all finished"))
     common = ", ".join(f"{k}={v}" for k, v in report["common"].items())
     return (f'<header><h1>{_e(report["title"])}</h1>'
             f'<p class="meta">{len(runs)} runs from {_e(", ".join(report["dirs"]))} · generated '
             f'{_e(report["generated_at"])}</p><div class="cards">'
             + "".join(f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{_e(v)}</div>'
-                      f'<div class="s">{_e(s)}</div></div>' for k, v, s in cards)
+                      f'<div class="s">{_name(s) if isinstance(s, dict) else _e(s)}</div></div>' for k, v, s in cards)
             + "</div>" + f'<p class="common">{_e(budget_note(report))}</p>'
             + (f'<p class="common">Common to all runs: {_e(common)}</p>' if common else "")
             + "</header>")
@@ -85,20 +107,19 @@ def _badge(status) -> str:
 
 
 def _runs_table(report) -> str:
-    vcols, mcols = report["variant_columns"], report["metric_columns"]
-    head = ('<tr><th data-type="text">run</th><th data-type="text">status</th><th data-type="text">task</th>'
+    mcols = report["metric_columns"]  # the varied choices are in the run's name (Markdown has a column each)
+    head = ('<tr><th data-type="text" class="label">run</th><th data-type="text">status</th><th data-type="text">task</th>'
             '<th data-type="text">budget</th><th data-type="text">compared</th>'
-            + "".join(f'<th data-type="text">{_e(c)}</th>' for c in vcols)
             + "".join(f'<th data-type="num" class="num">{_e(h)}</th>' for _, h in mcols) + "</tr>")
     body = []
     for r in report["runs"]:
         star = '<span class="star" title="on the Pareto front">★</span> ' if r["pareto"] else ""
-        cells = [f'<td data-v="{_e(r["label"])}">{star}<span class="swatch" style="background:'
-                 f'{report["colors"][r["variant_label"]]}"></span>{_e(r["label"])}'
+        cells = [f'<td class="label" data-v="{_e(r["short"])}">{star}<span class="swatch" style="background:'
+                 f'{report["colors"][r["variant_label"]]}"></span>{_name(r)}'
                  f'<div class="path" title="{_e(r["id"])}">{_e(r["name"])}</div></td>',
                  f'<td data-v="{_e(r["status"])}">{_badge(r["status"])}</td>',
-                 f'<td>{_e(r["task"])}</td><td>{_e(r["budget"])}</td><td>{_e(r["left_out"] or "yes")}</td>']
-        cells += [f'<td>{_e(fmt_lr(r["lr"]) if c == "lr" else r["variant"].get(c))}</td>' for c in vcols]
+                 f'<td>{_e(r["task"])}</td><td class="wrap">{_e(r["budget"])}</td>'
+                 f'<td class="wrap">{_e(r["left_out"] or "yes")}</td>']
         for k, _ in mcols:
             est = k == "kv_cache_bytes_per_token" and r.get("kv_estimated") and r[k] is not None
             cells.append(f'<td class="num" data-v="{"" if r[k] is None else r[k]}"'
@@ -109,14 +130,14 @@ def _runs_table(report) -> str:
             if any(r.get("kv_estimated") for r in report["runs"]) else "")
     return ('<section id="runs"><h2>Runs</h2><p class="hint">Click a heading to sort. ★ marks the front of '
             f'validation loss against {_e(report["cost"]["label"])}: no other compared run is better on both.</p>'
-            f'<div class="table-wrap"><table class="sortable" id="runs-table"><thead>{head}</thead>'
+            f'<div class="table-wrap" id="runs-wrap"><table class="sortable" id="runs-table"><thead>{head}</thead>'
             f'<tbody>{"".join(body)}</tbody></table></div>{note}</section>')
 
 
 def _not_finished(report) -> str:
     if not report["not_finished"]:
         return ""
-    items = "".join(f'<li>{_badge(r["status"])} <b>{_e(r["label"])}</b> <span class="path">{_e(r["id"])}</span>'
+    items = "".join(f'<li>{_badge(r["status"])} <b>{_name(r)}</b> <span class="path">{_e(r["id"])}</span>'
                     f'<pre>{_e(r["error"] or "no error recorded")}</pre></li>' for r in report["not_finished"])
     return (f'<section id="not-finished"><h2>Runs that did not finish ({len(report["not_finished"])})</h2>'
             f'<ul class="dnf-list">{items}</ul></section>')
@@ -153,7 +174,8 @@ def _effects(report) -> str:
     return ('<section id="effects"><h2>Effect of each choice</h2><p class="hint">For each family, the mean '
             'over the compared finished runs with that choice (averaged per seed, then across seeds, so the other '
             'families are averaged out); with several seeds, [95% t-interval across seeds] on loss, and '
-            'perplexity\'s as its exponential. Ranked by validation loss; Δ loss is against the family\'s best '
+            'perplexity\'s as its exponential; tokens/s is a geometric mean with its interval on the log scale '
+            '(never below zero). Ranked by validation loss; Δ loss is against the family\'s best '
             'choice.</p>' + "".join(blocks) + "</section>")
 
 
@@ -206,7 +228,7 @@ loss</figcaption></figure>
 <figure class="chart" data-chart="curves" data-kind="train"><figcaption>training loss</figcaption></figure>
 </div></section>"""
 
-MEMORY = """<section id="memory"><h2>Memory</h2><p class="hint">By variant (mean over its runs). Hatched and
+MEMORY = """<section id="memory"><h2>Memory</h2><p class="hint">By variant (mean over its compared runs). Hatched and
 starred: counted by the model, because no run of that variant was benchmarked.</p><div class="grid2">
 <figure class="chart" data-chart="bars" data-key="peak_memory_bytes"><figcaption>peak memory</figcaption></figure>
 <figure class="chart" data-chart="bars" data-key="kv_cache_bytes_per_token"><figcaption>KV-cache bytes per token
@@ -216,12 +238,12 @@ starred: counted by the model, because no run of that variant was benchmarked.</
 def _pareto(report) -> str:
     cost = report["cost"]
     front = sorted((r for r in report["runs"] if r["pareto"]), key=lambda r: r["val_loss"])
-    rows = "".join(f'<tr><td><span class="swatch" style="background:{report["colors"][r["variant_label"]]}">'
-                   f'</span>{_e(r["label"])}</td><td class="num">{_e(fmt("val_loss", r["val_loss"]))}</td>'
+    rows = "".join(f'<tr><td class="label"><span class="swatch" style="background:{report["colors"][r["variant_label"]]}">'
+                   f'</span>{_name(r)}</td><td class="num">{_e(fmt("val_loss", r["val_loss"]))}</td>'
                    f'<td class="num">{_e(fmt(cost["key"], r[cost["key"]]))}</td></tr>'
                    for r in front)
-    table = ('<table class="front"><thead><tr><th>Pareto front</th><th class="num">val loss</th>'
-             f'<th class="num">{_e(cost["label"])}</th></tr></thead><tbody>{rows}</tbody></table>' if front else "")
+    table = ('<div class="table-wrap"><table class="front"><thead><tr><th>Pareto front</th><th class="num">val loss</th>'
+             f'<th class="num">{_e(cost["label"])}</th></tr></thead><tbody>{rows}</tbody></table></div>' if front else "")
     better = "higher" if cost["higher_is_better"] else "lower"
     return ('<section id="pareto"><h2>Quality vs cost</h2><p class="hint">Validation loss of the compared runs '
             f'(each variant at its best learning rate) against {_e(cost["label"])} (compare.cost={_e(cost["name"])}; '

@@ -32,7 +32,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_curves(report, path):
-    runs = [r for r in report["runs"] if any(r["curves"].get(k) for k in ("val", "train"))]
+    runs = [r for r in _compared(report) if any(r["curves"].get(k) for k in ("val", "train"))]
     if not runs:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=False)
@@ -48,7 +48,7 @@ def plot_curves(report, path):
             ax.plot(x, [p["loss"] for p in pts], color=report["colors"][r["variant_label"]],
                     marker="o" if len(pts) < 8 else None, markersize=3, linewidth=1.4,
                     linestyle="-" if r["status"] == FINISHED else ":", alpha=0.9,
-                    label=r["variant_label"] if first else None)
+                    label=r["variant_short"] if first else None)
         ax.set(title=f"{'validation' if kind == 'val' else 'training'} loss", xlabel="training tokens",
                ylabel="loss")
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
@@ -73,7 +73,7 @@ def plot_pareto(report, path):
         seen.add(r["variant_label"])
         ax.scatter(r[key], r["val_loss"], s=60 if r["pareto"] else 36, zorder=2,
                    color=report["colors"][r["variant_label"]], edgecolors="#111" if r["pareto"] else "none",
-                   linewidths=1.2, label=r["variant_label"] if first else None)
+                   linewidths=1.2, label=r["variant_short"] if first else None)
     better = "higher" if cost["higher_is_better"] else "lower"
     ax.set(title=f"validation loss vs {cost['label']} ({better} cost axis is better)", xlabel=cost["label"],
            ylabel="validation loss")
@@ -82,10 +82,15 @@ def plot_pareto(report, path):
     return _save(fig, path)
 
 
+def _compared(report) -> list[dict]:
+    """Every plot shows the compared runs only; the others stay in the runs table."""
+    return [r for r in report["runs"] if r.get("left_out") is None]
+
+
 def _by_variant(report, key):
     """(mean, counted by the model rather than measured?) per variant; measured values win over computed ones."""
     values = defaultdict(lambda: ([], []))
-    for r in report["runs"]:
+    for r in _compared(report):
         if r[key] is not None:
             values[r["variant_label"]][bool(r.get("kv_estimated")) and key == "kv_cache_bytes_per_token"].append(r[key])
     return {v: (sum(m or e) / len(m or e), not m) for v, (m, e) in values.items()}
@@ -101,10 +106,13 @@ def plot_memory(report, path):
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.9 + 0.35 * n), squeeze=False)
     for ax, (key, title, values) in zip(axes[0], panels):
         names = list(values)[::-1]
-        bars = ax.barh(names, [values[v][0] for v in names], color=[report["colors"][v] for v in names])
-        labels = [fmt(key, values[v][0]) + (" (from config)" if values[v][1] else "") for v in names]
+        short = {r["variant_label"]: r["variant_short"] for r in _compared(report)}
+        rows = list(range(len(names)))  # by position: two variants may share a short name
+        bars = ax.barh(rows, [values[v][0] for v in names], color=[report["colors"][v] for v in names])
+        ax.set_yticks(rows, [short[v] for v in names])
+        labels = [fmt(key, values[v][0]) + ("*" if values[v][1] else "") for v in names]  # as on the page
         ax.bar_label(bars, labels=labels, padding=3, fontsize=8)
-        ax.set_title(title)
+        ax.set_title(title + ("\n(*: counted by the model)" if any(values[v][1] for v in names) else ""))
         ax.set_xticks([])
         ax.grid(False)
         ax.margins(x=0.25)

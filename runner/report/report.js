@@ -70,6 +70,19 @@
                 transform: "rotate(-90 14 " + (M.t + H - M.b) / 2 + ")"}, axis, yLabel);
     return {svg: svg, x: x, y: y, plot: el("g", {"class": "plot"}, svg)};
   }
+  // A variant's short name (the choices that vary among the compared runs) and its whole description.
+  function short(label) { return (DATA.variants[label] || {}).short || label; }
+  // Widen the viewBox to everything drawn, so that no label is clipped whatever its length.
+  function fit(svg) {
+    var b = svg.getBBox(), v = svg.viewBox.baseVal, x0 = Math.min(v.x, b.x - 2), y0 = Math.min(v.y, b.y - 2);
+    var x1 = Math.max(v.x + v.width, b.x + b.width + 2), y1 = Math.max(v.y + v.height, b.y + b.height + 2);
+    svg.setAttribute("viewBox", [x0, y0, x1 - x0, y1 - y0].join(" "));
+  }
+  function textWidth(svg, text) {
+    var t = el("text", {x: 0, y: 0}, svg, text), w = t.getComputedTextLength();
+    svg.removeChild(t);
+    return w;
+  }
   // Legend entries toggle every SVG element tagged with their variant.
   function legend(fig, svg, labels) {
     var box = document.createElement("div");
@@ -78,7 +91,9 @@
       var item = document.createElement("span");
       item.innerHTML = '<i class="swatch"></i>';
       item.firstChild.style.background = DATA.colors[label];
-      item.appendChild(document.createTextNode(label));
+      item.title = (DATA.variants[label] || {}).title || label;
+      item.setAttribute("data-variant", label);
+      item.appendChild(document.createTextNode(short(label)));
       item.addEventListener("click", function () {
         var off = item.classList.toggle("off");
         svg.querySelectorAll("[data-variant]").forEach(function (node) {
@@ -118,6 +133,7 @@
         b.addEventListener("click", function () {
           fig.querySelectorAll("svg, .legend, .empty").forEach(function (n) { n.remove(); });
           curves(fig, a);
+          fig.querySelectorAll("svg").forEach(fit);
         });
         bar.appendChild(b);
       });
@@ -139,10 +155,10 @@
       var d = s.pts.map(function (p, i) { return (i ? "L" : "M") + f.x(p[0]).toFixed(1) + "," + f.y(p[1]).toFixed(1); }).join("");
       var line = el("path", {d: d, fill: "none", stroke: color, "stroke-width": 1.8, "class": "series",
                              "stroke-dasharray": s.run.status === "ok" ? "" : "4 3"}, g);
-      el("title", {}, line, s.run.label + " (" + s.run.status + ")");
+      el("title", {}, line, s.run.short + " (" + s.run.status + ")");
       if (s.pts.length <= 30) s.pts.forEach(function (p) {
         var c = el("circle", {cx: f.x(p[0]), cy: f.y(p[1]), r: 2.6, fill: color}, g);
-        el("title", {}, c, s.run.label + "\nstep " + p[2] + " · " + fmt(p[0]) + " " + axis + " · loss " + p[1].toFixed(4));
+        el("title", {}, c, s.run.short + "\nstep " + p[2] + " · " + fmt(p[0]) + " " + axis + " · loss " + p[1].toFixed(4));
       });
     });
     legend(fig, f.svg, unique(series.map(function (s) { return s.run.variant_label; })));
@@ -164,7 +180,7 @@
       var c = el("circle", {cx: f.x(r[key]), cy: f.y(r.val_loss), r: r.pareto ? 6 : 4.5, "class": "point",
                             fill: DATA.colors[r.variant_label], stroke: r.pareto ? "#111" : "#fff", "stroke-width": r.pareto ? 1.8 : 1,
                             "data-variant": r.variant_label}, f.plot);
-      el("title", {}, c, r.label + "\nloss " + r.val_loss.toFixed(4) + " · " + fmt(r[key]) + " " + DATA.cost.label + (r.pareto ? "\nPareto front" : ""));
+      el("title", {}, c, r.short + "\nloss " + r.val_loss.toFixed(4) + " · " + fmt(r[key]) + " " + DATA.cost.label + (r.pareto ? "\nPareto front" : ""));
     });
     legend(fig, f.svg, unique(runs.map(function (r) { return r.variant_label; })));
     fig.setAttribute("data-rendered", "true");
@@ -182,10 +198,12 @@
       sums[v] = (sums[v] || 0) + r[key]; counts[v] = (counts[v] || 0) + 1;
     });
     if (!order.length) return empty(fig, "not measured (runs without a benchmark: train.bench=false)");
-    var rowH = 26, labelW = 190, h = M.t + rowH * order.length + 8, max = 0;
+    var rowH = 26, h = M.t + rowH * order.length + 8, max = 0;
     order.forEach(function (v) { max = Math.max(max, sums[v] / counts[v]); });
     var svg = el("svg", {viewBox: "0 0 " + W + " " + h, role: "img"});
     fig.appendChild(svg);
+    // the labels' column is as wide as the longest short name (at most half the chart), the values' 90 units
+    var labelW = Math.min(W / 2, 16 + Math.max.apply(null, order.map(function (v) { return textWidth(svg, short(v)); })));
     var defs = el("defs", {}, svg), pat = el("pattern", {id: "hatch-" + key, width: 6, height: 6,
       patternUnits: "userSpaceOnUse", patternTransform: "rotate(45)"}, defs);
     el("rect", {width: 6, height: 6, fill: "#fff", "fill-opacity": 0.0}, pat);
@@ -193,10 +211,12 @@
     order.forEach(function (v, i) {
       var value = sums[v] / counts[v], y = M.t + i * rowH, w = (W - labelW - 90) * value / (max || 1);
       var g = el("g", {"class": "bar", "data-variant": v}, svg);
-      el("text", {x: labelW - 8, y: y + rowH / 2 + 4, "text-anchor": "end"}, g, v.length > 30 ? v.slice(0, 29) + "…" : v);
+      var name = short(v), fits = textWidth(svg, name) <= labelW - 10;
+      var text = el("text", {x: labelW - 8, y: y + rowH / 2 + 4, "text-anchor": "end"}, g, fits ? name : name.slice(0, Math.floor(name.length * (labelW - 10) / textWidth(svg, name)) - 1) + "…");
+      el("title", {}, text, (DATA.variants[v] || {}).title || v);
       var rect = el("rect", {x: labelW, y: y + 4, width: Math.max(w, 1), height: rowH - 8, rx: 2, fill: DATA.colors[v]}, g);
       if (est[v]) el("rect", {x: labelW, y: y + 4, width: Math.max(w, 1), height: rowH - 8, fill: "url(#hatch-" + key + ")"}, g);
-      el("title", {}, rect, v + ": " + fmtBytes(value) + (est[v] ? " (counted by the model)" : ""));
+      el("title", {}, rect, name + ": " + fmtBytes(value) + (est[v] ? " (counted by the model)" : ""));
       el("text", {x: labelW + w + 6, y: y + rowH / 2 + 4}, g, fmtBytes(value) + (est[v] ? "*" : ""));
     });
     fig.setAttribute("data-rendered", "true");
@@ -256,8 +276,13 @@
     });
   }
 
+  // One drawing function per chart kind (a figure with data-chart=KIND); DATA.runs holds the compared runs only.
+  // Every chart's svg is fitted to what it drew, so that no label is clipped.
   var draw = {curves: curves, pareto: pareto, bars: bars, effect: effect};
-  document.querySelectorAll("figure[data-chart]").forEach(function (fig) { draw[fig.getAttribute("data-chart")](fig); });
+  document.querySelectorAll("figure[data-chart]").forEach(function (fig) {
+    draw[fig.getAttribute("data-chart")](fig);
+    fig.querySelectorAll("svg").forEach(fit);
+  });
   document.querySelectorAll("table.sortable").forEach(sortable);
   document.documentElement.setAttribute("data-ready", "true");
 })();

@@ -125,6 +125,43 @@ def label_runs(runs: list[dict]) -> None:
     field already determines (in an attention sweep `attention=sliding` implies its window); then the
     learning rate, budget and task where they differ. Two different runs never share a label: a clash is
     told apart by the sweep, then by the directory."""
+    varying, shown, parts = _varied_parts(runs)
+    multi_seed = len({r["seed"] for r in runs}) > 1
+    for r, named in zip(runs, parts):
+        extra = [f"{k}={fmt_value(r.get(k))}" for k in ("task", "budget")
+                 if r.get(k) is not None and len({q.get(k) for q in runs if q.get(k) is not None}) > 1]
+        r["variant_label"] = " ".join(named + extra) or r["variant"].get("preset") or r["name"]
+        lr = f" lr={r['lr']:g}" if r["lr"] is not None and len({q["lr"] for q in runs} - {None}) > 1 else ""
+        r["label"] = r["variant_label"] + lr + (f" seed={r['seed']}" if multi_seed else "")
+    _tell_apart(runs, "label")
+    for r in runs:
+        r["varying"], r["label_fields"] = varying, shown
+
+
+def short_labels(runs: list[dict], compared: list[dict]) -> None:
+    """Names for the charts, cards and tables: what varies among the compared runs only, comma-separated
+    ("ffn=swiglu, seed=1"): r["short"] per run, r["variant_short"] without seed and lr (a legend entry: seeds
+    share their variant's colour), r["title"] the whole variant (the tooltip). A run left out of the
+    comparison keeps its label (it names what differs across every run found)."""
+    _, _, parts = _varied_parts(compared)
+    multi_seed, multi_lr = len({r["seed"] for r in compared}) > 1, len({r["lr"] for r in compared} - {None}) > 1
+    for r, named in zip(compared, parts):
+        r["variant_short"] = ", ".join(named) or r["variant_label"]
+        lr = [f"lr={r['lr']:g}"] if multi_lr and r["lr"] is not None else []
+        r["short"] = ", ".join(named + lr + [f"seed={r['seed']}"] * multi_seed) or r["label"]
+    _tell_apart(compared, "short")
+    for r in runs:
+        if r.get("left_out") is not None:
+            r["short"] = r["variant_short"] = r["label"]
+        r["title"] = ", ".join(f"{k}={fmt_value(v)}" for k, v in r["variant"].items() if v is not None) + "".join(
+            f", {k}={v:g}" if k == "lr" else f", {k}: {v}" for k, v in (("lr", r["lr"]), ("budget", r["budget"]))
+            if v is not None)
+
+
+def _varied_parts(runs: list[dict]) -> tuple[list, list, list[list[str]]]:
+    """(the fields that vary across `runs`, those a label shows, each run's "field=value" parts): a field an
+    earlier shown field determines is skipped, except in a run (often a failed one) off the finished runs'
+    pattern, which also names the odd field out."""
     varying = [f for f in FAMILIES if len({r["variant"].get(f) for r in runs}) > 1]
     done = [r for r in runs if r["status"] == FINISHED] or runs
     shown = []
@@ -132,26 +169,23 @@ def label_runs(runs: list[dict]) -> None:
         if not any(all(len(vals) <= 1 for vals in _values_by(done, g, f).values()) for g in shown):
             shown.append(f)
     seen = {(g, *(r["variant"].get(f) for f in shown + [g])) for r in done for g in varying}
-    multi_seed = len({r["seed"] for r in runs}) > 1
+    parts = []
     for r in runs:
-        # a run (often a failed one) off the pattern of the finished ones also names the odd field out
         odd = [g for g in varying if g not in shown
                and (g, *(r["variant"].get(f) for f in shown + [g])) not in seen]
-        parts = [f"{f}={fmt_value(r['variant'].get(f))}" for f in shown + odd]
-        extra = [f"{k}={fmt_value(r.get(k))}" for k in ("task", "budget")
-                 if r.get(k) is not None and len({q.get(k) for q in runs if q.get(k) is not None}) > 1]
-        r["variant_label"] = " ".join(parts + extra) or r["variant"].get("preset") or r["name"]
-        lr = f" lr={r['lr']:g}" if r["lr"] is not None and len({q["lr"] for q in runs} - {None}) > 1 else ""
-        r["label"] = r["variant_label"] + lr + (f" seed={r['seed']}" if multi_seed else "")
-    for key in ("group", "name", "id"):  # tell clashing labels apart
+        parts.append([f"{f}={fmt_value(r['variant'].get(f))}" for f in shown + odd])
+    return varying, shown, parts
+
+
+def _tell_apart(runs: list[dict], field: str) -> None:
+    """Two different runs never share a name: a clash is told apart by the sweep, then by the directory."""
+    for key in ("group", "name", "id"):
         counts = defaultdict(int)
         for r in runs:
-            counts[r["label"]] += 1
+            counts[r[field]] += 1
         for r in runs:
-            if counts[r["label"]] > 1 and r.get(key):
-                r["label"] += f" [{r[key]}]"
-    for r in runs:
-        r["varying"], r["label_fields"] = varying, shown
+            if counts[r[field]] > 1 and r.get(key):
+                r[field] += f" [{r[key]}]"
 
 
 def _values_by(runs, key_field, value_field):

@@ -46,11 +46,25 @@ def mean_interval(values: list[float], level: float = 0.95):
     return m, m - half, m + half
 
 
+# Quantities that are positive by nature (throughput, memory, ratios of them): their means and intervals are
+# taken on the log scale and brought back by exp, so an interval never crosses zero (issue 26: an effect on
+# tokens/s read `231 [-302, 765]`). Losses stay on their own scale: differences of losses may be negative.
+LOG_SCALE = frozenset({"train_tokens_per_s", "decode_tokens_per_s", "peak_memory_bytes", "kv_cache_bytes_per_token"})
+
+
+def log_mean_interval(values: list[float], level: float = 0.95):
+    """(geometric mean, lower, upper) of positive values: exp of the t-interval of their logarithms (a ratio's
+    interval, multiplicative around the geometric mean: always positive). Bounds None with one value."""
+    m, lo, hi = mean_interval([math.log(v) for v in values], level)
+    return math.exp(m), None if lo is None else math.exp(lo), None if hi is None else math.exp(hi)
+
+
 def effects(runs: list[dict], metrics=("val_loss", "train_tokens_per_s")) -> list[dict]:
     """Per family with two or more choices among finished runs: per choice, each metric's mean over the
     per-seed means, and its 95% t-interval across seeds when there are several. The interval is taken on
-    loss, which is roughly normal across seeds; perplexity's is its exponential (never negative).
-    Choices rank by validation loss."""
+    loss, which is roughly normal across seeds; perplexity's is its exponential (never negative). Positive
+    quantities (LOG_SCALE: tokens/s) are averaged and given their interval on the log scale (geometric
+    means, never a negative bound). Choices rank by validation loss."""
     done = [r for r in runs if r["status"] == FINISHED and r["val_loss"] is not None]
     out, partitions = [], {}
     for family in FAMILIES:
@@ -68,13 +82,14 @@ def effects(runs: list[dict], metrics=("val_loss", "train_tokens_per_s")) -> lis
             row = {"family": family, "choice": choice, "runs": len(group),
                    "seeds": len({r["seed"] for r in group})}
             for m in metrics:
-                per_seed = defaultdict(list)
+                per_seed, log = defaultdict(list), m in LOG_SCALE
                 for r in group:
-                    if r[m] is not None:
+                    if r[m] is not None and (r[m] > 0 or not log):
                         per_seed[r["seed"]].append(r[m])
                 if per_seed:
-                    row[m], row[m + "_lo"], row[m + "_hi"] = mean_interval(
-                        [statistics.fmean(v) for v in per_seed.values()])
+                    row[m], row[m + "_lo"], row[m + "_hi"] = (
+                        log_mean_interval([statistics.geometric_mean(v) for v in per_seed.values()]) if log
+                        else mean_interval([statistics.fmean(v) for v in per_seed.values()]))
                 else:
                     row[m] = row[m + "_lo"] = row[m + "_hi"] = None
             row["val_ppl"], row["val_ppl_lo"], row["val_ppl_hi"] = (
