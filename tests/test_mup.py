@@ -92,3 +92,30 @@ def test_a_bad_parametrization_is_a_config_error_naming_the_key():
     cfg = compose(["model.parametrization=mup", "model.base_width=0"])
     with pytest.raises(ValueError, match=r"model.base_width=0"):
         check_model_config(cfg.model)
+
+
+def test_sp_reproduces_the_old_recipe_loss_curve_exactly():
+    """parametrization=sp through build_optimizer against the recipe as it was before optimizers were parts,
+    spelled out here: AdamW over (matrices but embeddings: decay 0.1; the rest: 0), lr 3e-3, betas (0.9, 0.95)."""
+    def old_recipe(model):
+        embeddings = {id(model.embed.weight)}
+        params = list(model.parameters())
+        decay = [p for p in params if p.ndim >= 2 and id(p) not in embeddings]
+        rest = [p for p in params if not (p.ndim >= 2 and id(p) not in embeddings)]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                                 lr=3e-3, betas=(0.9, 0.95))
+
+    ids = torch.randint(0, 61, (4, 16))
+    curves = []
+    for make in (old_recipe, lambda m: build_optimizer(compose(["model.parametrization=sp"]).train, m, "cpu")):
+        model = tiny_model(seed=5, parametrization="sp").train()
+        opt = make(model)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))
+        losses = []
+        for _ in range(5):
+            loss = model.loss(ids, ids)
+            loss.backward()
+            opt.step(), sched.step(), opt.zero_grad()
+            losses.append(loss.item())
+        curves.append(losses)
+    assert curves[0] == curves[1]
