@@ -31,6 +31,17 @@ def build_optimizer(t, model: nn.Module, device) -> torch.optim.Optimizer:
     return optimizer
 
 
+def check_optimizer_config(t) -> None:
+    """Before any work: an optimizer that cannot run in this set-up, named by its key."""
+    target = str(t.optimizer.get("_target_", ""))
+    if target.endswith(".muon") and t.get("distributed") == "fsdp":
+        raise ValueError("train/optimizer=muon needs whole matrices and train.distributed=fsdp shards them: "
+                         "use train.distributed=ddp or train/optimizer=adamw")
+    if not t.optimizer.get("_partial_", False):
+        raise ValueError(f"train.optimizer._partial_ must be true (the optimizer is built with the model's "
+                         f"parameter groups), got {t.optimizer.get('_partial_')}")
+
+
 def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
     """Groups of parameters that share (decayed, lr multiplier, hidden matrix): decayed groups first, each in the
     order of model.parameters(). Decay matrices only: norms, biases and (unless decay_embeddings) embeddings

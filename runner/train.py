@@ -27,7 +27,7 @@ from runner.checkpoint import (RESUME_KEYS, latest_checkpoint, load_latest_reada
                                set_rng_state)
 from runner.compute import autocast_dtype, aux_loss, batch_loss, resolve_compile, to_device
 from runner.evaluate import evaluate, require_checkpoint_tokenizer
-from runner.optim import build_optimizer
+from runner.optim import build_optimizer, check_optimizer_config
 from runner.task import Interrupted, StopSignal, config_checks, task_run
 from runner.formatting import format_bytes
 from runner.resume import require_checkpoint_to_resume, resume_command, resume_source, task_overrides
@@ -64,6 +64,7 @@ def check_train_config(cfg: DictConfig):
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     resolve_compile(t.compile, "cpu")  # train.compile: auto | true | false, checked before any work
+    check_optimizer_config(t)  # train/optimizer (runner/optim.py)
     require_checkpoint_tokenizer(cfg)
 
 

@@ -132,3 +132,12 @@ def test_a_sweep_over_optimizers_names_each_job(tmp_path, cache_dir):
     assert [j.name.split(",")[0] for j in jobs] == ["0_optimizer=adamw", "1_optimizer=muon"]  # choices first
     assert [results(j)["variant"]["optimizer"] for j in jobs] == ["adamw", "muon"]
     assert all(results(j)["status"] == "ok" for j in jobs)
+
+
+def test_muon_under_fsdp_and_an_unpartial_optimizer_are_config_errors():
+    from runner.optim import check_optimizer_config
+    with pytest.raises(ValueError, match=r"train/optimizer=muon .* train.distributed=fsdp"):
+        check_optimizer_config(compose(["train/optimizer=muon", "train.distributed=fsdp"]).train)
+    with pytest.raises(ValueError, match=r"train.optimizer._partial_ must be true"):
+        check_optimizer_config(compose(["train.optimizer._partial_=false"]).train)
+    check_optimizer_config(compose(["train/optimizer=muon", "train.distributed=ddp"]).train)
