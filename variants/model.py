@@ -225,8 +225,8 @@ class TransformerLM(nn.Module):
         cache_slots (T,), a tensor, with `cache`, position_ids and document_ids: the fixed-shape call of
         compiled decoding (runner/decode.py): the tokens are written at those slots and attend over the
         whole preallocated cache under a mask, so every step has the same shapes; `cache.length` is unused.
-        return_hidden: the final hidden states (B, T, d_model), normed (and times µP's output multiplier), instead of logits (a chunked loss
-        applies `lm_head` itself).
+        return_hidden: the final hidden states (B, T, d_model), normed (and times µP's output multiplier),
+        instead of logits (a chunked loss applies `lm_head` itself).
         """
         if cache_slots is not None:
             return self._forward_at_slots(input_ids, position_ids, document_ids, cache, cache_slots, return_hidden)
