@@ -121,8 +121,9 @@ def plot_coord_check(check: dict, path):
         fig, axes = plt.subplots(1, len(layers), figsize=(2.4 * len(layers), 2.8), sharey=False, squeeze=False)
         for ax, layer in zip(axes[0], layers):
             for step in range(check["steps"]):
+                color = plt.cm.viridis(step / max(1, check["steps"] - 1))
                 ax.plot(widths, [check["rms"][str(w)][layer][step] for w in widths], marker="o", markersize=3,
-                        linewidth=1.2, color=plt.cm.viridis(step / max(1, check["steps"] - 1)), label=f"step {step + 1}")
+                        linewidth=1.2, color=color, label=f"step {step + 1}")
             ax.set(title=layer, xscale="log", yscale="log", xlabel="width (d_model)")
             ax.minorticks_off()
             ax.set_xticks(widths, [str(w) for w in widths])
