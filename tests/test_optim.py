@@ -38,7 +38,7 @@ def test_muon_gets_exactly_the_hidden_matrices_and_adamw_the_rest(ffn):
     in_adamw = names_of(model, [p for g in adamw.param_groups for p in g["params"]])
     assert in_adamw == {n for n, _ in model.named_parameters()} - in_muon
     assert {"embed.weight", "lm_head.weight"} <= in_adamw
-    assert all(muon_group["lr"] == 0.02 for muon_group in muon.param_groups)  # muon_lr; adamw_lr = train.lr
+    assert all(muon_group["lr"] == 0.01 for muon_group in muon.param_groups)  # muon_lr; adamw_lr = train.lr
     assert all(g["lr"] == 3e-3 for g in adamw.param_groups)
 
 
