@@ -1,4 +1,4 @@
-"""The one entry point: `python run.py [task=train|eval|bench|data|generate|inspect|compare|lm_eval] [overrides]`.
+"""The one entry point: `python run.py [task=train|eval|bench|data|generate|inspect|compare|lm_eval|coordcheck] [overrides]`.
 
 Each task lives in its own runner module with a `main(cfg)` function; this file only composes the
 config and dispatches, so that `python run.py --cfg job ...` prints a config without importing torch.
@@ -33,6 +33,7 @@ TASKS = {
     "inspect": "runner.inspect",
     "compare": "runner.report",
     "lm_eval": "runner.lm_eval",
+    "coordcheck": "runner.coordcheck",
 }
 
 

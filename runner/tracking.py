@@ -46,7 +46,7 @@ def _jsonable(x):
 
 # The variant fields of a run, in the order a comparison labels runs by (earlier fields name a run first).
 FAMILIES = ("preset", "norm", "norm_position", "ffn", "position", "attention", "n_heads", "n_kv_heads",
-            "kernel", "window", "attention_schedule", "d_model", "n_layers", "seq_len")
+            "kernel", "window", "attention_schedule", "d_model", "n_layers", "seq_len", "optimizer", "parametrization")
 # The part choices among them: W&B tags and the printed summary name a run by these.
 PART_FAMILIES = ("preset", "norm_position", "norm", "ffn", "position", "attention", "kernel")
 
@@ -80,6 +80,9 @@ def variant_fields(cfg: DictConfig) -> dict:
         "d_model": m.get("d_model"),
         "n_layers": m.get("n_layers"),
         "seq_len": cfg.get("data", {}).get("seq_len"),
+        # how it is trained, as swappable parts (runner/optim.py, variants/mup.py)
+        "optimizer": choices.get("train/optimizer") or target((cfg.get("train") or {}).get("optimizer")),
+        "parametrization": m.get("parametrization"),
         "seed": cfg.get("train", {}).get("seed"),
     }
 

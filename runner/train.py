@@ -27,6 +27,7 @@ from runner.checkpoint import (RESUME_KEYS, latest_checkpoint, load_latest_reada
                                set_rng_state)
 from runner.compute import autocast_dtype, aux_loss, batch_loss, resolve_compile, to_device
 from runner.evaluate import evaluate, require_checkpoint_tokenizer
+from runner.optim import build_optimizer, check_optimizer_config
 from runner.task import Interrupted, StopSignal, config_checks, task_run
 from runner.formatting import format_bytes
 from runner.resume import require_checkpoint_to_resume, resume_command, resume_source, task_overrides
@@ -35,15 +36,6 @@ from runner.tracking import PART_FAMILIES, Results, busy_machine_warning, machin
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("runner.progress")  # run.log only (conf/config.yaml): the terminal shows the bar
-
-
-def param_groups(model: nn.Module, weight_decay: float):
-    """Decay matrices only: norms, biases and embeddings are left alone (as in GPT-3, Llama)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for p in {id(p): p for p in model.parameters() if p.requires_grad}.values():
-        (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def lr_lambda(warmup: int, max_steps: int | None, min_ratio: float, fraction_spent=None):
@@ -72,6 +64,7 @@ def check_train_config(cfg: DictConfig):
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     resolve_compile(t.compile, "cpu")  # train.compile: auto | true | false, checked before any work
+    check_optimizer_config(t)  # train/optimizer (runner/optim.py)
     require_checkpoint_tokenizer(cfg)
 
 
@@ -143,8 +136,7 @@ class Trainer:
             checkpoint_blocks(model)
         compiled = resolve_compile(t.compile, device)  # auto: on CUDA
         self.forward_model = torch.compile(self.model) if compiled else self.model
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
-                                           fused=device.type == "cuda")
+        self.optimizer = build_optimizer(t, self.model, device)  # train/optimizer=adamw|muon (runner/optim.py)
         # the budget in steps (tokens and FLOPs buy a whole number of them); None: train.max_seconds, the clock
         self.tokens_per_step = t.batch_size * cfg.data.seq_len
         self.max_steps = steps_for_budget(t, self.tokens_per_step, self.flops_per_token)

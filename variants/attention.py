@@ -201,8 +201,14 @@ class Attention(FusedProjections, nn.Module):
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
         self.o_proj.is_residual_projection = True  # scaled init, see TransformerLM.reset_parameters
         self.score_mods = (SoftCap(softcap),) if softcap is not None else ()
+        self.softmax_scale = 1.0 / math.sqrt(head_dim)
         if qk_norm:
             self.q_norm, self.k_norm = nn.RMSNorm(head_dim, eps=1e-6), nn.RMSNorm(head_dim, eps=1e-6)
+
+    def use_mup_scale(self, head_width_mult: float):
+        """µP (variants/mup.py): scores scaled by 1/d_head, as sqrt(base d_head) / d_head = 1/sqrt(d_head x m):
+        query-key products of aligned vectors grow like d_head, not its square root."""
+        self.softmax_scale = 1.0 / math.sqrt(self.head_dim * head_width_mult)
 
     def cache_layout(self) -> dict:
         """Per cached token: name -> (heads, dim); the model sizes its KVCache from this."""
@@ -223,5 +229,5 @@ class Attention(FusedProjections, nn.Module):
             k, v = cache.update(k, v)  # all keys/values so far, (B, Hkv, Tkv, hd)
         if ctx is None:
             ctx = AttentionContext(T, k.shape[2], k.shape[2] - T, device=x.device)
-        y = attend(self, q, k, v, ctx, 1.0 / math.sqrt(self.head_dim))
+        y = attend(self, q, k, v, ctx, self.softmax_scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -62,6 +62,16 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
         self.o_proj.is_residual_projection = True
         self.score_mods = (SoftCap(softcap),) if softcap is not None else ()
+        self.softmax_scale = 1.0 / math.sqrt(head_dim + rope_head_dim)
+
+    def use_mup_scale(self, head_width_mult: float):
+        """µP: scores scaled by 1/(query width), as for Attention.use_mup_scale."""
+        self.softmax_scale = 1.0 / math.sqrt((self.head_dim + self.rope_head_dim) * head_width_mult)
+
+    def mup_kinds(self) -> dict[str, str]:
+        """µP kinds (variants/mup.py) where they are not 'hidden': the latent has a fixed size (kv_lora_rank), so
+        the projection into it is an output and the one out of it an input."""
+        return {"kv_down.weight": "output", "kv_up.weight": "input"}
 
     def cache_layout(self) -> dict:
         """Per cached token: name -> (heads, dim). The latent and the shared rotary key, nothing per head."""
@@ -91,5 +101,5 @@ class MultiHeadLatentAttention(nn.Module):
             ctx = AttentionContext(T, Tkv, Tkv - T, device=x.device)
         # v is zero-padded to q's width so every kernel sees one head size; the padding is cut off after
         v = nn.functional.pad(v, (0, rd))
-        y = attend(self, q, k, v, ctx, 1.0 / math.sqrt(hd + rd))[..., :hd]
+        y = attend(self, q, k, v, ctx, self.softmax_scale)[..., :hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))

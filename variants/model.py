@@ -17,6 +17,7 @@ from .block import BLOCKS
 from .cache import KVCache
 from .ffn import GatedMLP
 from .masks import AttentionContext, CacheSlotContext
+from .mup import ParamRole, check_parametrization, declared_kinds, multipliers
 from .norm import DyT
 from .position import RoPE, positions_from_documents
 
@@ -39,19 +40,25 @@ class TransformerLM(nn.Module):
             (GPT-2), so the residual stream's variance does not grow with depth. A part opts in by marking
             the nn.Linear that writes into the residual stream: `self.out_proj.is_residual_projection = True`
             (Attention's o_proj and the MLPs' down_proj do), so a user's own attention or FFN can too.
+        parametrization: "sp" (standard) or "mup" (variants/mup.py): µP's init, attention scale and output
+            multiplier, and the lr multipliers `parameter_roles()` hands the optimizer.
+        base_width: the d_model the lr was tuned at (µP's width multiplier is d_model / base_width); None:
+            d_model itself.
 
     The runner uses only this public face (so a user's own block or attention class works with bench,
     inspect, generate and FSDP): `blocks` (the repeated layers), `attention_modules()`, `n_heads`,
     `n_kv_heads`, `head_dim`, `max_seq_len`, `vocab_size`, `num_params()`, `flops_per_token()`,
-    `kv_cache_bytes_per_token()`, `cache_layout()`, `allocate_cache()`, `aux_loss()` and `reencode_at`.
+    `kv_cache_bytes_per_token()`, `cache_layout()`, `allocate_cache()`, `aux_loss()`, `reencode_at` and
+    `parameter_roles()`.
     Defaults give the Llama block: pre-norm RMSNorm, SwiGLU, RoPE, MHA.
     """
 
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int, max_seq_len: int,
                  attention=Attention, ffn=GatedMLP, norm=nn.RMSNorm, position=RoPE, norm_position: str = "pre",
                  tie_embeddings: bool = False, attention_schedule=None, head_dim: int | None = None,
-                 init_std: float = 0.02):
+                 init_std: float = 0.02, parametrization: str = "sp", base_width: int | None = None):
         super().__init__()
+        check_parametrization(parametrization, base_width)
         for key, value in [("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
                            ("n_heads", n_heads), ("max_seq_len", max_seq_len)]:
             if value is None or value < 1:
@@ -65,6 +72,9 @@ class TransformerLM(nn.Module):
         self.vocab_size, self.d_model, self.n_layers, self.n_heads = vocab_size, d_model, n_layers, n_heads
         self.max_seq_len, self.norm_position, self.init_std = max_seq_len, norm_position, init_std
         self.head_dim = head_dim or d_model // n_heads
+        self.parametrization = parametrization
+        self.width_mult = d_model / (base_width or d_model) if parametrization == "mup" else 1.0
+        self.output_mult = 1 / self.width_mult  # µP's logits multiplier (1 under SP)
 
         self.embed = nn.Embedding(vocab_size, d_model)
         self.position = position(d_model=d_model, head_dim=self.head_dim, max_seq_len=max_seq_len)
@@ -82,6 +92,12 @@ class TransformerLM(nn.Module):
         if tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.tie_embeddings = tie_embeddings
+        if parametrization == "mup":  # a head size set apart from d_model does not grow with it
+            for attn in self.attention_modules():
+                if not hasattr(attn, "use_mup_scale"):
+                    raise ValueError(f"model.parametrization=mup needs the attention class to have "
+                                     f"use_mup_scale(head_width_mult) (variants/mup.py); {type(attn).__name__} has not")
+                attn.use_mup_scale(self.width_mult if head_dim is None else 1.0)
         self.reset_parameters()
 
     # -- construction -----------------------------------------------------------------------------
@@ -97,6 +113,27 @@ class TransformerLM(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=self.init_std)
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm, DyT)):
                 module.reset_parameters()
+        if self.parametrization == "mup":  # SP's draws, rescaled per kind (variants/mup.py)
+            with torch.no_grad():
+                for role in self.parameter_roles():
+                    if role.init_mult != 1.0:
+                        role.param.mul_(role.init_mult)
+
+    def parameter_roles(self) -> list[ParamRole]:
+        """Every parameter once (a tied head is the embedding), with its µP kind, its init and lr multipliers
+        (1 under SP) and whether it is a 2-D matrix inside the blocks (Muon's). The parts say their kinds
+        (variants/mup.py); the head keeps its init and lr, its logits carrying the 1/width_mult instead."""
+        declared = declared_kinds(self)
+        roles = []
+        for name, p in self.named_parameters():
+            inside = name.startswith("blocks.")
+            kind = declared.get(name) or ("output" if name == "lm_head.weight" else
+                                          "hidden" if inside and p.ndim == 2 else "input")
+            init_mult, lr_mult = multipliers(kind, self.width_mult)
+            if name == "lm_head.weight" or self.parametrization == "sp":
+                init_mult, lr_mult = 1.0, 1.0
+            roles.append(ParamRole(name, p, kind, inside and p.ndim == 2, init_mult, lr_mult))
+        return roles
 
     # -- the public face the runner uses ---------------------------------------------------------------
     def fuse_projections(self) -> int:
@@ -153,6 +190,9 @@ class TransformerLM(nn.Module):
     def save_hf(self, directory, **kwargs):
         """Write a checkpoint that transformers loads as Phi3ForCausalLM; see variants.hf.save_hf."""
         from .hf import save_hf
+        if self.parametrization != "sp":
+            raise ValueError("save_hf: a model.parametrization=mup model has an output multiplier and attention "
+                             "scale that Phi3ForCausalLM does not")
         return save_hf(self, directory, **kwargs)
 
     # -- KV cache -----------------------------------------------------------------------------------
@@ -185,8 +225,8 @@ class TransformerLM(nn.Module):
         cache_slots (T,), a tensor, with `cache`, position_ids and document_ids: the fixed-shape call of
         compiled decoding (runner/decode.py): the tokens are written at those slots and attend over the
         whole preallocated cache under a mask, so every step has the same shapes; `cache.length` is unused.
-        return_hidden: the final hidden states (B, T, d_model), normed, instead of logits (a chunked loss
-        applies `lm_head` itself).
+        return_hidden: the final hidden states (B, T, d_model), normed (and times µP's output multiplier),
+        instead of logits (a chunked loss applies `lm_head` itself).
         """
         if cache_slots is not None:
             return self._forward_at_slots(input_ids, position_ids, document_ids, cache, cache_slots, return_hidden)
@@ -210,7 +250,7 @@ class TransformerLM(nn.Module):
         x, rotary = self.position(x, position_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, rotary, ctx, cache.layer(i) if cache is not None else None)
-        x = self.norm(x)
+        x = self._scale_output(self.norm(x))
         if cache is not None:
             docs = document_ids if document_ids is not None else torch.zeros_like(input_ids)
             cache.advance(docs, position_ids, documented=document_ids is not None)
@@ -224,8 +264,13 @@ class TransformerLM(nn.Module):
         x, rotary = self.position(self.embed(input_ids), position_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, rotary, ctx, cache.layer(i, slots))
-        x = self.norm(x)
+        x = self._scale_output(self.norm(x))
         return x if return_hidden else self.lm_head(x)
+
+    def _scale_output(self, x):
+        """µP's 1/width_mult on the logits, applied to the normed hidden states (the same, lm_head being linear
+        without bias, and a chunked loss that applies lm_head itself gets it too)."""
+        return x if self.output_mult == 1.0 else x * self.output_mult
 
     def loss(self, input_ids, labels, position_ids=None, document_ids=None):
         """Mean cross-entropy over targets != -100 (masked document boundaries and padding)."""

@@ -55,6 +55,11 @@ class MoE(nn.Module):
         self.shared = GatedMLP(d_model, hidden_dim, activation, bias=bias) if shared_expert else None
         self.last_aux_loss, self.last_expert_counts, self.last_dropped = None, None, 0
 
+    def mup_kinds(self) -> dict[str, str]:
+        """µP kinds (variants/mup.py): the router maps the width to a fixed n_experts, an output; the experts'
+        matrices are hidden."""
+        return {"router.weight": "output"}
+
     def inactive_params(self) -> int:
         """Parameters a token does not use: the experts it is not routed to."""
         return (self.n_experts - self.top_k) * sum(p.numel() for p in self.experts[0].parameters())
