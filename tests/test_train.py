@@ -139,14 +139,14 @@ def test_non_finite_loss_stops_the_run_and_names_the_step(tmp_path, cache_dir, m
     """A divergence injected from here, at a known step: the loss of the second step is NaN."""
     import runner.train as train_module
     from conftest import compose
-    real, calls = train_module.batch_loss, []
+    real, calls = train_module.training_loss, []
 
     def diverging(*args, **kwargs):
         calls.append(1)
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if len(calls) == 2 else loss
+        objective, loss, z = real(*args, **kwargs)
+        return (objective * float("nan"), loss * float("nan"), z) if len(calls) == 2 else (objective, loss, z)
 
-    monkeypatch.setattr(train_module, "batch_loss", diverging)
+    monkeypatch.setattr(train_module, "training_loss", diverging)
     (tmp_path / "run").mkdir()
     monkeypatch.chdir(tmp_path / "run")  # results.json: the cwd outside Hydra
     with pytest.raises(FloatingPointError):  # the run stops with an error (a non-zero exit under run.py)
@@ -300,3 +300,17 @@ def test_resuming_with_another_model_config_says_which_overrides_to_use(tmp_path
     assert out.returncode != 0
     message = results(tmp_path / "run")["error"]["message"]
     assert "does not fit this model config" in message and "model.d_model=48" in message
+
+
+def test_z_loss_is_trained_and_logged_apart_from_the_loss(tmp_path, cache_dir, monkeypatch):
+    """train.z_loss: the term is in every logged point, apart from the cross-entropy (which stays the loss
+    that perplexity is read from); 0 (the default) logs none."""
+    import runner.train as train_module
+    from conftest import compose
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    train_module.main(compose([*TINY, "train.z_loss=1e-2", "train.max_steps=2", f"cache_dir={cache_dir}"]))
+    curve = results(tmp_path / "run")["curves"]["train"]
+    # log(vocab)^2 ~ 33 at init: a term of about 1e-2 x 33, far from 0
+    assert all(0.05 < p["z_loss"] < 1.0 and 4 < p["loss"] < 7 for p in curve)
+    assert "z_loss" not in compose(TINY).train or compose(TINY).train.z_loss == 0
