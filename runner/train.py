@@ -19,7 +19,7 @@ from omegaconf import DictConfig, open_dict
 from torch import nn
 from tqdm import tqdm
 
-from runner import distributed
+from runner import distributed, telemetry
 from runner.budget import check_budget, spent, steps_for_budget
 from runner.sweep import finished_record
 from runner.build import build_model, check_model_config, record_model
@@ -73,6 +73,7 @@ def check_train_config(cfg: DictConfig):
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     if not t.get("z_loss", 0.0) >= 0:
         raise ValueError(f"train.z_loss={t.z_loss} must be >= 0 (0 = off)")
+    telemetry.settings(t.get("telemetry"), t.log_every)  # train.telemetry's keys and values
     resolve_compile(t.compile, "cpu")  # train.compile: auto | true | false, checked before any work
     require_checkpoint_tokenizer(cfg)
 
@@ -153,6 +154,8 @@ class Trainer:
         time_share = (lambda: self.train_seconds / t.max_seconds) if self.max_steps is None else None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.warmup_steps, self.max_steps, t.min_lr_ratio, time_share))
+        # train.telemetry: probes inside the model and the optimizer step, read at log steps (runner/telemetry.py)
+        self.telemetry = telemetry.build(t.get("telemetry"), model, self.optimizer, t.log_every)
         # A step takes batch_size rows of the epoch's permutation, cut into world_size x grad_accum interleaved
         # shards; rank r's micro-step a takes shard r * grad_accum + a. Which rows a step and each micro-batch
         # hold does not depend on how the work is split: one process with grad_accum=2 computes exactly what
@@ -224,8 +227,10 @@ class Trainer:
                     raise Interrupted(f"{stop.received or 'a signal to another rank'} at step {self.step}: checkpoint "
                                       f"{path}; resume with: {resume_command(self.out_dir)}", stop)
                 started = time.perf_counter()
+                self.telemetry.arm(self.step + 1)
                 step_loss, extras, grad_norm = self.optimizer_step(stop, vote)
                 self.step += 1  # the loss of step `self.step` (1-based), as a non-finite loss's error names it
+                self.telemetry.record(self.step, step_loss, grad_norm)
                 self.train_seconds += time.perf_counter() - started
                 self.window["time"] += time.perf_counter() - started
                 self.pending_losses.append((self.step, step_loss, extras))
@@ -310,6 +315,7 @@ class Trainer:
             self.checkpoint()
 
     def log_train_point(self, grad_norm, bar):
+        self.telemetry.read_into(self.curves, self.results, self.logger)  # first: a diverged run keeps it
         self.read_losses()  # waits for the device: the window's last steps end here
         w = self.window
         tok_s = self.tokens_per_step * w["steps"] / max(w["time"], 1e-9)
