@@ -151,3 +151,41 @@ def test_wandb_fields_are_grouped_per_layer():
                                      "grad_norm_by_group": {"0": 0.5}, "logits_max": None})
     assert fields == {"telemetry/layer_0/attn_max_logit": 1.0, "telemetry/layer_1/attn_max_logit": 2.0,
                       "telemetry/z_mean": 4.0, "telemetry/group_0/grad_norm": 0.5}
+
+
+def add_telemetry(results_path, diverged=False):
+    """Give a fixture run's results.json a telemetry curve of 2 layers: logits growing 1, 2, 3 ...; the last
+    point non-finite (null) when diverged."""
+    import json
+    record = json.loads(results_path.read_text())
+    points = [{"step": s, "attn_max_logit": [float(s), s / 2], "attn_entropy": [2.0 - s / 10, 1.5],
+               "resid_rms": [1.0, 1.0], "z_mean": 4.0 + s} for s in (2, 4, 6)]
+    if diverged:
+        points[-1].update(attn_max_logit=[None, None], attn_entropy=[None, None], z_mean=None)
+    record["curves"]["telemetry"] = points
+    results_path.write_text(json.dumps(record))
+
+
+def test_compare_report_shows_each_runs_telemetry(tmp_path):
+    from test_compare import fixture_sweep
+    from runner.report import build_report, gather, write_report
+    from runner.report.telemetry import telemetry_points
+    sweep = fixture_sweep(tmp_path)
+    files = sorted(sweep.rglob("results.json"))
+    add_telemetry(files[0])
+    add_telemetry(files[1], diverged=True)
+    runs = gather([tmp_path / "outputs"])
+    write_report(build_report(runs, ["outputs"]), tmp_path / "report", png=False)
+    md = (tmp_path / "report" / "report.md").read_text()
+    table = md.split("## Inside training")[1].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "peak max logit" not in line]
+    assert len(rows) == 2
+    cells = sorted(row.rstrip(" |").split(" | ")[2:] for row in rows)  # last step, peak, last max logit, entropy, z
+    assert cells == [["6", "4", "4", "1.5", "8"], ["6", "6", "6", "1.4", "10"]]
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert html.count('data-kind="telemetry"') == 3 and 'id="telemetry"' in html
+    # the reduction a chart draws: max over layers, lowest layer's entropy, tokens from the training curve
+    curves = {"train": [{"step": 1, "tokens": 128}], "telemetry": [{"step": 4, "attn_max_logit": [1.0, 3.0, None],
+                                                                    "attn_entropy": [0.5, 0.2], "z_mean": 7.0}]}
+    assert telemetry_points(curves) == [{"step": 4, "tokens": 512.0, "attn_max_logit": 3.0, "attn_entropy": 0.2,
+                                         "z_mean": 7.0}]
