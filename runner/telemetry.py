@@ -19,6 +19,7 @@ graph for each case); with telemetry off (`build` returns Off) there are none.
 Under FSDP the per-group norms are of this rank's shards.
 """
 import math
+import time
 from collections import deque
 from functools import partial
 
@@ -62,8 +63,8 @@ class Off:
     def record(self, step, loss, grad_norm):
         pass
 
-    def read_into(self, curves, results, logger):
-        pass
+    def read_into(self, curves, results, logger) -> float:
+        return 0.0
 
 
 class Telemetry:
@@ -150,17 +151,21 @@ class Telemetry:
         self.armed = False
 
     # -- at a log step: one transfer --------------------------------------------------------------------------
-    def read_into(self, curves: dict, results, logger):
+    def read_into(self, curves: dict, results, logger) -> float:
         """The points recorded since the last read, appended to curves["telemetry"] and written to results.json
-        (before the Trainer reads its losses: a run that diverged keeps its telemetry), and sent to W&B."""
+        (before the Trainer reads its losses: a run that diverged keeps its telemetry), and sent to W&B.
+        Returns the seconds spent waiting for the device (the steps still running: training time)."""
+        started = time.perf_counter()
         points = self.read()
+        waited = time.perf_counter() - started
         if not points:
-            return
+            return waited
         curves.setdefault("telemetry", []).extend(points)
         results.update(curves=curves)
         if logger:
             for point in points:
                 logger.log(wandb_fields(point), point["step"])
+        return waited
 
     def read(self) -> list[dict]:
         steps = [step for step, _ in self.steps]

@@ -315,7 +315,9 @@ class Trainer:
             self.checkpoint()
 
     def log_train_point(self, grad_norm, bar):
-        self.telemetry.read_into(self.curves, self.results, self.logger)  # first: a diverged run keeps it
+        waited = self.telemetry.read_into(self.curves, self.results, self.logger)  # first: a diverged run keeps it
+        self.window["time"] += waited  # the device finishing the window's steps: training time, as in read_losses
+        self.train_seconds += waited
         self.read_losses()  # waits for the device: the window's last steps end here
         w = self.window
         tok_s = self.tokens_per_step * w["steps"] / max(w["time"], 1e-9)
