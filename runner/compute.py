@@ -106,13 +106,19 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     `dtype`: the matmuls' dtype (autocast's, or the hidden states'); the weight is cast to it once."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk: int, needs_grad: bool, dtype: torch.dtype):
+    def forward(ctx, hidden, weight, labels, chunk: int, needs_grad: bool, dtype: torch.dtype, z_loss: float = 0.0):
         with torch.autocast(hidden.device.type, enabled=False):  # the casts below are explicit
-            return _ChunkedCrossEntropy._forward(ctx, hidden, weight, labels, chunk, needs_grad, dtype)
+            total, squared_z = _ChunkedCrossEntropy._forward(ctx, hidden, weight, labels, chunk, needs_grad, dtype,
+                                                             z_loss)
+        ctx.mark_non_differentiable(squared_z)
+        return total, squared_z
 
     @staticmethod
-    def _forward(ctx, hidden, weight, labels, chunk, needs_grad, dtype):
+    def _forward(ctx, hidden, weight, labels, chunk, needs_grad, dtype, z_loss):
+        """-> (the summed loss, plus z_loss x the summed squared log-partitions; the summed squared
+        log-partitions alone), both over real targets."""
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        squared_z = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
         w = weight.to(dtype)  # once, not per chunk
@@ -123,8 +129,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             target = y.clamp(min=0)
             lse = logits.logsumexp(dim=-1)
             total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+            squared_z += (lse.square() * valid).sum()
             if needs_grad:  # d loss / d logits = softmax - one_hot(target), zero for ignored rows
                 probs = (logits - lse[:, None]).exp_()
+                if z_loss:  # d (z_loss lse^2) / d logits = 2 z_loss lse softmax
+                    probs *= 1 + 2 * z_loss * lse[:, None]
                 probs[torch.arange(len(y), device=y.device), target] -= 1
                 probs *= valid[:, None]
                 grad_hidden[start:start + chunk] = (probs.to(dtype) @ w).to(hidden.dtype)
@@ -134,13 +143,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     grad_weight += (probs.t().to(dtype) @ h).float()
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        return total
+        return (total + z_loss * squared_z if z_loss else total), squared_z
 
     @staticmethod
-    def backward(ctx, grad_total):
+    def backward(ctx, grad_total, grad_squared_z):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total.to(grad_weight.dtype),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def chunked_cross_entropy(hidden, weight, labels, reduction: str = "mean", chunk: int | None = None):
@@ -155,15 +164,50 @@ def chunked_cross_entropy(hidden, weight, labels, reduction: str = "mean", chunk
     # decided out here: inside forward grad mode is always off, and an evaluation under no_grad (whose
     # weight still requires grad) must not pay for gradients
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    total = _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk, needs_grad, dtype)
+    total, _ = _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk, needs_grad, dtype)
     # mean over real targets; 0/0 = nan with no targets, as F.cross_entropy gives
     return total / (labels != IGNORE).sum() if reduction == "mean" else total
+
+
+def chunked_loss_and_z(hidden, weight, labels, z_loss: float, chunk: int | None = None):
+    """chunked_cross_entropy's mean loss plus the z-loss term, z_loss x mean(logsumexp(logits)^2) over real
+    targets, in the same pass over the logits: (their sum, to differentiate; the loss; the z-loss term),
+    the last two detached."""
+    chunk = chunk or chunk_rows(hidden.shape[0], weight.shape[0], hidden.device)
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    total, squared_z = _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk, needs_grad, dtype, z_loss)
+    n = (labels != IGNORE).sum()
+    z_term = z_loss * squared_z / n
+    return total / n, (total.detach() / n - z_term), z_term
 
 
 def batch_loss(model, batch: dict, reduction: str = "mean", dtype: torch.dtype | None = None):
     """next_token_loss on a packed batch (input_ids, labels, position_ids, document_ids)."""
     return next_token_loss(model, batch["input_ids"], batch["labels"], batch.get("position_ids"),
                            batch.get("document_ids"), reduction=reduction, dtype=dtype)
+
+
+def training_loss(model, batch: dict, dtype: torch.dtype | None = None, z_loss: float = 0.0):
+    """The training step's loss of a packed batch: (what to differentiate, the cross-entropy, the z-loss term
+    or None), the last two detached. z_loss > 0 adds z_loss x mean(logsumexp(logits)^2) over real targets
+    (PaLM, Chowdhery et al. 2022; Wortsman et al. 2023): it keeps the output logits' log-partition near 0."""
+    if not z_loss:
+        loss = batch_loss(model, batch, dtype=dtype)
+        return loss, loss.detach(), None
+    labels = batch["labels"].flatten()
+    inner = _chunkable_model(model)
+    with autocast(labels.device, dtype):
+        out = model(batch["input_ids"], position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids"),
+                    **({"return_hidden": True} if inner is not None else {}))
+        if inner is not None:
+            return chunked_loss_and_z(out.flatten(0, 1), head_weight(inner), labels, z_loss)
+    logits = out.float().flatten(0, 1)
+    valid = labels != IGNORE
+    loss = F.cross_entropy(logits, labels, ignore_index=IGNORE)
+    z_term = z_loss * (logits.logsumexp(dim=-1).square() * valid).sum() / valid.sum()
+    return loss + z_term, loss.detach(), z_term.detach()
 
 
 def aux_loss(model):

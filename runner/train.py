@@ -19,13 +19,13 @@ from omegaconf import DictConfig, open_dict
 from torch import nn
 from tqdm import tqdm
 
-from runner import distributed
+from runner import distributed, telemetry
 from runner.budget import check_budget, spent, steps_for_budget
 from runner.sweep import finished_record
 from runner.build import build_model, check_model_config, record_model
 from runner.checkpoint import (RESUME_KEYS, latest_checkpoint, load_latest_readable, rng_state, save_checkpoint,
                                set_rng_state)
-from runner.compute import autocast_dtype, aux_loss, batch_loss, resolve_compile, to_device
+from runner.compute import autocast_dtype, aux_loss, resolve_compile, to_device, training_loss
 from runner.evaluate import evaluate, require_checkpoint_tokenizer
 from runner.optim import build_optimizer, check_optimizer_config
 from runner.task import Interrupted, StopSignal, config_checks, task_run
@@ -63,6 +63,9 @@ def check_train_config(cfg: DictConfig):
                          f"WORLD_SIZE={world_size} x train.grad_accum={t.grad_accum}")
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    if not t.get("z_loss", 0.0) >= 0:
+        raise ValueError(f"train.z_loss={t.z_loss} must be >= 0 (0 = off)")
+    telemetry.settings(t.get("telemetry"), t.log_every)  # train.telemetry's keys and values
     resolve_compile(t.compile, "cpu")  # train.compile: auto | true | false, checked before any work
     check_optimizer_config(t)  # train/optimizer (runner/optim.py)
     require_checkpoint_tokenizer(cfg)
@@ -144,6 +147,8 @@ class Trainer:
         time_share = (lambda: self.train_seconds / t.max_seconds) if self.max_steps is None else None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.warmup_steps, self.max_steps, t.min_lr_ratio, time_share))
+        # train.telemetry: probes inside the model and the optimizer step, read at log steps (runner/telemetry.py)
+        self.telemetry = telemetry.build(t.get("telemetry"), model, self.optimizer, t.log_every)
         # A step takes batch_size rows of the epoch's permutation, cut into world_size x grad_accum interleaved
         # shards; rank r's micro-step a takes shard r * grad_accum + a. Which rows a step and each micro-batch
         # hold does not depend on how the work is split: one process with grad_accum=2 computes exactly what
@@ -157,7 +162,7 @@ class Trainer:
         self.step, self.curves = 0, {"train": [], "val": []}
         # the steps since the last logged train point: checkpointed, so a resumed curve averages the same steps
         self.window = {"time": 0.0, "loss": 0.0, "steps": 0}
-        # (step, loss, aux loss or None), on the device, not yet read: read at log steps and checkpoints, so
+        # (step, loss, {"aux_loss"/"z_loss": term}), on the device, not yet read: read at log steps and checkpoints, so
         # the host never waits for the device inside a step
         self.pending_losses = []
 
@@ -216,11 +221,13 @@ class Trainer:
                     raise Interrupted(f"{stop.received or 'a signal to another rank'} at step {self.step}: checkpoint "
                                       f"{path}; resume with: {resume_command(self.out_dir)}", stop)
                 started = time.perf_counter()
-                step_loss, aux, grad_norm = self.optimizer_step(stop, vote)
+                self.telemetry.arm(self.step + 1)
+                step_loss, extras, grad_norm = self.optimizer_step(stop, vote)
                 self.step += 1  # the loss of step `self.step` (1-based), as a non-finite loss's error names it
+                self.telemetry.record(self.step, step_loss, grad_norm)
                 self.train_seconds += time.perf_counter() - started
                 self.window["time"] += time.perf_counter() - started
-                self.pending_losses.append((self.step, step_loss, aux))
+                self.pending_losses.append((self.step, step_loss, extras))
                 self.window["steps"] += 1
                 self.between_steps(grad_norm, bar)
                 bar.update(1)
@@ -237,21 +244,23 @@ class Trainer:
         through distributed.StepVote, one step late)."""
         return self.max_steps is None and self.train_seconds >= self.t.max_seconds
 
-    def optimizer_step(self, stop: StopSignal, vote) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """One optimizer step over grad_accum micro-batches. Returns (the step's mean loss and auxiliary loss,
-        on the device: they are read at log steps; the gradient norm before clipping). Under torchrun the
+    def optimizer_step(self, stop: StopSignal, vote) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """One optimizer step over grad_accum micro-batches. Returns (the step's mean loss and its extra terms,
+        {"aux_loss": MoE balancing, "z_loss": train.z_loss's term} where present, on the device: they are read
+        at log steps; the gradient norm before clipping). Under torchrun the
         step's all-reduce also carries this rank's stop and time flags to `vote` (distributed.StepVote)."""
         t, dist, device = self.t, self.dist, self.device
-        loss_sum, aux_sum = torch.zeros((), device=device), None
+        loss_sum, extras = torch.zeros((), device=device), {}
         for a, loader in enumerate(self.loaders):
             batch = to_device(next(loader), device)
             with distributed.gradient_sync(self.model, sync=a == len(self.loaders) - 1):  # all-reduce once per step
-                loss = batch_loss(self.forward_model, batch, dtype=self.autocast)
+                objective, loss, z = training_loss(self.forward_model, batch, self.autocast, t.get("z_loss", 0.0))
                 aux = aux_loss(self.model)  # MoE load balancing: trained, reported apart from the loss
-                ((loss if aux is None else loss + aux) / t.grad_accum).backward()
-            loss_sum += loss.detach()
-            if aux is not None:
-                aux_sum = aux.detach() + (0 if aux_sum is None else aux_sum)
+                ((objective if aux is None else objective + aux) / t.grad_accum).backward()
+            loss_sum += loss
+            for name, term in (("aux_loss", aux), ("z_loss", z)):
+                if term is not None:
+                    extras[name] = term.detach() + extras.get(name, 0)
         if dist.enabled:  # the mean loss over all ranks' micro-batches, and whether any rank was signalled
             flags = vote.flags(stop.received is not None, self.train_seconds >= (t.max_seconds or float("inf")))
             reduced = distributed.all_reduce_sum(torch.cat([loss_sum[None], flags]), dist)
@@ -264,7 +273,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return step_loss, None if aux_sum is None else aux_sum / t.grad_accum, grad_norm
+        return step_loss, {name: term / t.grad_accum for name, term in extras.items()}, grad_norm
 
     def read_losses(self):
         """Read the pending steps' losses from the device (one transfer) into the window. A non-finite loss
@@ -275,7 +284,7 @@ class Trainer:
         started = time.perf_counter()
         steps = [s for s, _, _ in self.pending_losses]
         values = torch.stack([loss for _, loss, _ in self.pending_losses]).tolist()
-        auxes = [aux for _, _, aux in self.pending_losses if aux is not None]
+        extras = [e for _, _, e in self.pending_losses]
         self.pending_losses = []
         waited = time.perf_counter() - started  # the device finishing the window's steps: training time
         self.window["time"] += waited
@@ -285,8 +294,8 @@ class Trainer:
                 raise FloatingPointError(f"non-finite training loss ({value}) at step {step} (read at step "
                                          f"{steps[-1]}, window {steps[0]}-{steps[-1]}); lower train.lr or check the data")
         self.window["loss"] += sum(values)
-        if auxes:
-            self.window["aux_loss"] = self.window.get("aux_loss", 0.0) + float(torch.stack(auxes).sum())
+        for name in {name for e in extras for name in e}:  # aux_loss, z_loss
+            self.window[name] = self.window.get(name, 0.0) + float(torch.stack([e[name] for e in extras if name in e]).sum())
 
     def between_steps(self, grad_norm, bar):
         """Log the window, evaluate and checkpoint at their intervals."""
@@ -300,6 +309,9 @@ class Trainer:
             self.checkpoint()
 
     def log_train_point(self, grad_norm, bar):
+        waited = self.telemetry.read_into(self.curves, self.results, self.logger)  # first: a diverged run keeps it
+        self.window["time"] += waited  # the device finishing the window's steps: training time, as in read_losses
+        self.train_seconds += waited
         self.read_losses()  # waits for the device: the window's last steps end here
         w = self.window
         tok_s = self.tokens_per_step * w["steps"] / max(w["time"], 1e-9)
@@ -308,9 +320,10 @@ class Trainer:
                  "seconds": self.train_seconds}
         if self.peak_flops:
             point["mfu"] = self.flops_per_token * tok_s / self.peak_flops
-        if "aux_loss" in w:
-            point["aux_loss"] = w["aux_loss"] / w["steps"]
-            w["aux_loss"] = 0.0
+        for name in ("aux_loss", "z_loss"):
+            if name in w:
+                point[name] = w[name] / w["steps"]
+                w[name] = 0.0
         self.curves["train"].append(point)
         bar.set_postfix(loss=f"{point['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
         progress.info(f"step {self.step}: train loss {point['loss']:.4f}, lr {point['lr']:.3g}, grad norm "

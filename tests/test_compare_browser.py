@@ -195,3 +195,19 @@ def test_layout_with_a_run_left_out(tmp_path):
     assert top <= 1280 * 1.25  # the compared runs' 10 steps x 128 tokens set the axis, not the long run's 300 steps
     assert_layout_holds(html, tmp_path)
     screenshot(html, tmp_path, height)
+
+
+def test_telemetry_curves_render_in_chromium(tmp_path):
+    """The telemetry section's three charts draw a line per run with telemetry, a diverged run's included."""
+    from test_telemetry import add_telemetry
+    sweep = fixture_sweep(tmp_path)
+    files = sorted(sweep.rglob("results.json"))
+    add_telemetry(files[0])
+    add_telemetry(files[1], diverged=True)
+    write_report(build_report(gather([tmp_path / "outputs"]), ["outputs"]), tmp_path / "report", png=False)
+    dom, console, _ = open_report(tmp_path / "report" / "report.html", tmp_path)
+    assert_clean(dom, console)
+    figures = re.findall(r'<figure [^>]*data-kind="telemetry"[^>]*>', dom)
+    assert len(figures) == 3 and all('data-rendered="true"' in f for f in figures)
+    section = dom.split('id="telemetry"')[1].split("</section>")[0]
+    assert section.count('class="series"') == 3 * 2

@@ -102,3 +102,61 @@ def test_chunked_loss_under_no_grad_computes_no_gradients(monkeypatch):
         loss = compute.chunked_cross_entropy(hidden, weight, labels, chunk=5)
     assert not any(tuple(a[0]) == tuple(weight.shape) for a in made if a and isinstance(a[0], torch.Size))
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(hidden @ weight.T, labels))
+
+
+def _naive_z_loss(logits, labels, coef):
+    """coef x the mean over real targets of logsumexp(logits)^2, one row at a time (PaLM's z-loss)."""
+    rows = [torch.logsumexp(logits[i], dim=0) ** 2 for i in range(len(labels)) if labels[i] != IGNORE]
+    return coef * torch.stack(rows).mean()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 37])
+def test_chunked_z_loss_equals_its_formula_and_its_gradient_flows(chunk):
+    from runner.compute import chunked_loss_and_z
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    labels[::5] = IGNORE
+    coef = 0.03  # large enough that the z term's gradient is far above the tolerance
+    objective, loss, z = chunked_loss_and_z(hidden, weight, labels, coef, chunk=chunk)
+    logits = hidden @ weight.t()
+    plain = F.cross_entropy(logits, labels, ignore_index=IGNORE)
+    naive_z = _naive_z_loss(logits, labels, coef)
+    torch.testing.assert_close(z, naive_z.detach())
+    torch.testing.assert_close(loss, plain.detach())
+    assert not z.requires_grad and not loss.requires_grad  # reported, not differentiated
+    ours = torch.autograd.grad(objective * 1.3, (hidden, weight))
+    ref = torch.autograd.grad((plain + naive_z) * 1.3, (hidden, weight), retain_graph=True)
+    without_z = torch.autograd.grad(plain * 1.3, (hidden, weight))
+    for a, b, c in zip(ours, ref, without_z):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert (a - c).abs().max() > 1e-3  # the z term's own gradient is in there
+
+
+@pytest.mark.parametrize("chunkable", [True, False])
+def test_training_loss_with_z_loss_matches_the_naive_full_logits(chunkable):
+    from runner.compute import training_loss
+    torch.manual_seed(0)
+    model = tiny_model()
+    if not chunkable:  # a head with a bias: the plain full-logits path
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.vocab_size))
+    ids = torch.randint(0, model.vocab_size, (2, 12))
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = IGNORE
+    batch = {"input_ids": ids, "labels": labels}
+    objective, loss, z = training_loss(model, batch, z_loss=1e-2)
+    logits = model(ids).flatten(0, 1)
+    plain = F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE)
+    naive_z = _naive_z_loss(logits, labels.flatten(), 1e-2)
+    torch.testing.assert_close(z, naive_z.detach())
+    torch.testing.assert_close(loss, plain.detach())
+    params = [p for p in model.parameters()]
+    ours = torch.autograd.grad(objective, params, allow_unused=True)
+    ref = torch.autograd.grad(plain + naive_z, params, allow_unused=True)
+    for a, b in zip(ours, ref):
+        if b is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # z_loss = 0: exactly the plain batch loss, no z term
+    objective, loss, z = training_loss(model, batch)
+    assert z is None and torch.equal(loss, plain.detach())

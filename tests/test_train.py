@@ -139,14 +139,14 @@ def test_non_finite_loss_stops_the_run_and_names_the_step(tmp_path, cache_dir, m
     """A divergence injected from here, at a known step: the loss of the second step is NaN."""
     import runner.train as train_module
     from conftest import compose
-    real, calls = train_module.batch_loss, []
+    real, calls = train_module.training_loss, []
 
     def diverging(*args, **kwargs):
         calls.append(1)
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if len(calls) == 2 else loss
+        objective, loss, z = real(*args, **kwargs)
+        return (objective * float("nan"), loss * float("nan"), z) if len(calls) == 2 else (objective, loss, z)
 
-    monkeypatch.setattr(train_module, "batch_loss", diverging)
+    monkeypatch.setattr(train_module, "training_loss", diverging)
     (tmp_path / "run").mkdir()
     monkeypatch.chdir(tmp_path / "run")  # results.json: the cwd outside Hydra
     with pytest.raises(FloatingPointError):  # the run stops with an error (a non-zero exit under run.py)
@@ -188,14 +188,31 @@ def test_a_training_step_never_reads_the_device_from_python(tmp_path, cache_dir,
             inside[0] = False
 
     monkeypatch.setattr(train_module.Trainer, "optimizer_step", step)
+    for name in ("arm", "record"):  # telemetry's calls around the step record on the device too
+        monkeypatch.setattr(train_module.telemetry.Telemetry, name,
+                            watched(inside, getattr(train_module.telemetry.Telemetry, name)))
     (tmp_path / "run").mkdir()
     monkeypatch.chdir(tmp_path / "run")
-    train_module.main(compose([*TINY, "train.log_every=3", "model/ffn=moe", f"cache_dir={cache_dir}"]))
+    train_module.main(compose([*TINY, "train.log_every=3", "model/ffn=moe", "train.telemetry.every=1",
+                               f"cache_dir={cache_dir}"]))
     assert reads == []
     r = results(tmp_path / "run")
     curve = r["curves"]["train"]
     assert [p["step"] for p in curve] == [3, 6] and all(math.isfinite(p["loss"]) for p in curve)
     assert all(math.isfinite(p["aux_loss"]) for p in curve)
+    probes = r["curves"]["telemetry"]  # every step's telemetry, read at the log steps
+    assert [p["step"] for p in probes] == [1, 2, 3, 4, 5, 6] and all(math.isfinite(p["z_mean"]) for p in probes)
+
+
+def watched(inside, real):
+    """`real`, a method, with inside[0] set while it runs."""
+    def method(self, *args):
+        inside[0] = True
+        try:
+            return real(self, *args)
+        finally:
+            inside[0] = False
+    return method
 
 
 def test_bad_config_writes_a_failed_result_before_reading_data(tmp_path, cache_dir):
@@ -300,3 +317,54 @@ def test_resuming_with_another_model_config_says_which_overrides_to_use(tmp_path
     assert out.returncode != 0
     message = results(tmp_path / "run")["error"]["message"]
     assert "does not fit this model config" in message and "model.d_model=48" in message
+
+
+def test_z_loss_is_trained_and_logged_apart_from_the_loss(tmp_path, cache_dir, monkeypatch):
+    """train.z_loss: the term is in every logged point, apart from the cross-entropy (which stays the loss
+    that perplexity is read from); 0 (the default) logs none."""
+    import runner.train as train_module
+    from conftest import compose
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    train_module.main(compose([*TINY, "train.z_loss=1e-2", "train.max_steps=2", f"cache_dir={cache_dir}"]))
+    curve = results(tmp_path / "run")["curves"]["train"]
+    # log(vocab)^2 ~ 33 at init: a term of about 1e-2 x 33, far from 0
+    assert all(0.05 < p["z_loss"] < 1.0 and 4 < p["loss"] < 7 for p in curve)
+    assert "z_loss" not in compose(TINY).train or compose(TINY).train.z_loss == 0
+
+
+def test_telemetry_leaves_the_loss_curve_bit_identical(tmp_path, cache_dir, monkeypatch):
+    """Telemetry reads, it never changes what trains: with train.telemetry=false (nothing installed), at its default
+    cadence and at every step, the training and validation losses are the same to the last bit."""
+    import runner.train as train_module
+    from conftest import compose
+    curves = {}
+    for name, setting in [("off", "train.telemetry=false"), ("default", "train.telemetry.every=3"),
+                          ("every", "train.telemetry.every=1")]:
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        train_module.main(compose([*TINY, setting, "train.max_steps=4", "train.checkpoint_every=0",
+                                   f"cache_dir={cache_dir}"]))
+        r = results(tmp_path / name)
+        curves[name] = ([p["loss"] for p in r["curves"]["train"]], [p["loss"] for p in r["curves"]["val"]],
+                        r["curves"].get("telemetry"))
+    assert curves["off"][2] is None and [p["step"] for p in curves["default"][2]] == [3]
+    assert curves["off"][:2] == curves["default"][:2] == curves["every"][:2]
+
+
+def test_a_diverged_run_keeps_its_telemetry(tmp_path, cache_dir, monkeypatch):
+    """A learning rate far too large: the loss becomes non-finite, the run fails, and results.json keeps the
+    telemetry of every step up to the last one read, the last point showing the blow-up."""
+    import runner.train as train_module
+    from conftest import compose
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    with pytest.raises(FloatingPointError):
+        train_module.main(compose([*TINY, "train.lr=1e4", "train.warmup_steps=1", "train.max_steps=30",
+                                   "train.eval_every=0", "train.checkpoint_every=0", f"cache_dir={cache_dir}"]))
+    r = results(tmp_path / "run")
+    failed_at = int(r["error"]["message"].split(" at step ")[1].split()[0])
+    probes = r["curves"]["telemetry"]
+    assert r["status"] == "failed" and [p["step"] for p in probes] == list(range(1, failed_at + 1))
+    assert probes[-1]["loss"] is None and probes[-1]["loss_spike"] >= 1  # non-finite: JSON null, and a spike
+    assert all(v is not None for v in probes[0]["attn_max_logit"] + probes[0]["resid_rms"])

@@ -140,16 +140,41 @@ class AutoKernel:
 KERNELS = {"eager": EagerKernel(), "sdpa": SDPAKernel(), "flex": FlexKernel(), "auto": AutoKernel()}
 
 
+def sampled_logits(q, k, pattern, ctx, scale, score_mods=(), rows: int = 4, queries: int = 64):
+    """The pre-softmax logits of a bounded sample of queries, computed from q and k apart from any kernel (what
+    training telemetry reads, runner/telemetry.py): the first `rows` rows, `queries` query positions spread
+    evenly over each (all of them when T <= queries), every head, against every key.
+    q: (B, H, T, d), k: (B, Hkv, Tkv, d) -> (logits (b, H, n, Tkv) float32, score modifiers applied;
+    visible (b, 1, n, Tkv) boolean, the layer's mask predicate and same-document, as every kernel applies them)."""
+    B, H, T, _ = q.shape
+    b, Tkv = min(B, rows), k.shape[2]
+    q_rows = torch.linspace(0, T - 1, min(T, queries), device=q.device).round().long()  # distinct: step >= 1
+    k = k[:b].float().repeat_interleave(H // k.shape[1], dim=1)
+    logits = (q[:b, :, q_rows].float() @ k.transpose(-2, -1)) * scale  # (b, H, n, Tkv)
+    b_idx = torch.arange(b, device=q.device)[:, None, None, None]
+    h_idx = torch.arange(H, device=q.device)[None, :, None, None]
+    q_idx, kv_idx = q_rows[None, None, :, None], torch.arange(Tkv, device=q.device)[None, None, None, :]
+    if score_mods:
+        logits = ctx.score_mod(score_mods)(logits, b_idx, h_idx, q_idx, kv_idx)
+    visible = ctx.mask_mod(pattern)(b_idx, h_idx[:, :1], q_idx, kv_idx)
+    return logits, visible.expand(b, 1, len(q_rows), Tkv)
+
+
 def attend(module, q, k, v, ctx, scale):
     """Run `module.kernel` on (q, k, v) with its pattern and the call's and its own score modifiers, and
-    note in `module.ran` the kernel that ran (what results.json records per layer under kernel=auto)."""
+    note in `module.ran` the kernel that ran (what results.json records per layer under kernel=auto).
+    A module's `probe`, when set (training telemetry), is shown q and k first: probe(q, k, pattern, ctx, scale,
+    score_mods); it reads them without changing them, whichever kernel then runs."""
     kernel = KERNELS[module.kernel]
     # One dtype for every kernel: under autocast the projections give bf16 but RoPE's float32 tables or
     # QK-norm's float32 weights can promote q and k (flex_attention on torch <= 2.10 rejects mixed dtypes).
     q, k = q.to(v.dtype), k.to(v.dtype)
     if not torch.compiler.is_compiling():  # an attribute write inside a compiled step would re-trace it
         module.ran = kernel.choose(q, module.pattern, ctx) if isinstance(kernel, AutoKernel) else module.kernel
-    return kernel(q, k, v, module.pattern, ctx, scale, ctx.score_mods + module.score_mods)
+    score_mods = ctx.score_mods + module.score_mods
+    if getattr(module, "probe", None) is not None:
+        module.probe(q, k, module.pattern, ctx, scale, score_mods)
+    return kernel(q, k, v, module.pattern, ctx, scale, score_mods)
 
 
 class Attention(FusedProjections, nn.Module):
@@ -169,7 +194,11 @@ class Attention(FusedProjections, nn.Module):
             module's score modifiers (ALiBi) and before the mask.
         qk_norm: RMSNorm over head_dim on every query and key head before RoPE (OLMo 2, Gemma 3), so the
             logits cannot grow with the weights.
+
+    `probe`: None, or a callable that `attend` shows each call's q and k (training telemetry sets it).
     """
+
+    probe = None
 
     fusable_projections = {"qkv": ("q_proj", "k_proj", "v_proj")}
 

@@ -31,7 +31,10 @@ class MultiHeadLatentAttention(nn.Module):
         n_kv_heads: unused (every head has its own keys, expanded from the latent); accepted so that the
             attention yamls share their keys.
         kernel, window, pattern, softcap: as for Attention.
+    `probe`: as for Attention (training telemetry).
     """
+
+    probe = None
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, kv_lora_rank: int = 32,
                  rope_head_dim: int | None = None, n_kv_heads: int | None = None, kernel: str = "auto",

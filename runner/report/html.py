@@ -15,6 +15,7 @@ from importlib import resources
 
 from runner.report.format import FINISHED, budget_note, family_title, fmt, fmt_interval, fmt_lr
 from runner.report.markdown import VERDICT_HEAD, lr_cells, verdict_rows
+from runner.report.telemetry import SERIES, TELEMETRY_HEAD, telemetry_rows
 from runner.report.verdicts import verdict_line
 
 
@@ -42,7 +43,7 @@ def render_html(report: dict) -> str:
     head = HEAD.replace("{title}", html.escape(report["title"])).replace("{style}", _asset("report.css"))
     head = head.replace("{errors}", _asset("report-errors.js"))
     parts = [head, _header(report), _verdicts(report), _runs_table(report), _not_finished(report),
-             _config_errors(report), CURVES, _pareto(report), MEMORY, _lr_tuning(report), _effects(report),
+             _config_errors(report), CURVES, _telemetry(report), _pareto(report), MEMORY, _lr_tuning(report), _effects(report),
              _by_size(report),
              f'<footer>Written by <code>python run.py task=compare</code> from {len(runs)} results.json files '
              f'under {", ".join(html.escape(d) for d in report["dirs"])}. Markdown summary: report.md; '
@@ -217,6 +218,23 @@ def _by_size(report) -> str:
                                                          if s["verdicts"] else '<p class="hint">No pairs.</p>'))
     return ('<section id="by-size"><h2>Effects by model size</h2><p class="hint">The paired verdicts at each '
             'size: does a gain grow or shrink with scale?</p>' + "".join(blocks) + "</section>")
+
+
+def _telemetry(report) -> str:
+    """Per variant, the telemetry series over training (runner/report/telemetry.py), drawn by report.js's
+    loss-curve chart on another field; dotted: a run that did not finish, its telemetry up to its last step."""
+    rows = telemetry_rows(report["runs"])
+    if not rows:
+        return ""
+    figures = "".join(f'<figure class="chart" data-chart="curves" data-kind="telemetry" data-field="{key}" '
+                      f'data-ylabel="{_e(label)}" data-axes="tokens"><figcaption>{_e(label)}</figcaption></figure>'
+                      for key, label in SERIES)
+    table = _table(TELEMETRY_HEAD, [[_e(c) if not isinstance(c, float) else f"{c:.3g}" for c in row] for row in rows])
+    return ('<section id="telemetry"><h2>Inside training</h2><p class="hint">train.telemetry: the largest '
+            'pre-softmax attention logit, the lowest layer\'s attention entropy and the output logits\' log-partition '
+            'z, at each telemetry step (Wortsman et al. 2023: a growing attention logit or z precedes divergence; '
+            'QK-norm and train.z_loss bound them). Dotted: did not finish.</p>'
+            f'<div class="grid2">{figures}</div>{table}</section>')
 
 
 CURVES = """<section id="curves"><h2>Loss curves</h2><p class="hint">Against training tokens, training FLOPs

@@ -3,6 +3,7 @@ the learning-rate grid, the effects, the effects by size."""
 from pathlib import Path
 
 from runner.report.format import (FINISHED, budget_note, family_title, fmt, fmt_interval, fmt_lr, fmt_value)
+from runner.report.telemetry import TELEMETRY_HEAD, telemetry_rows
 from runner.report.verdicts import verdict_line
 
 
@@ -29,6 +30,17 @@ def lr_cells(tuning: dict, grid: list, best_fmt: str) -> list[str]:
 
 
 VERDICT_HEAD = ["family", "choice vs reference", "Δ val loss (95% CI)", "seeds", "verdict", "seeds to resolve"]
+
+
+def telemetry_lines(report: dict) -> list[str]:
+    """The runs' training telemetry in brief (runner/report/telemetry.py); nothing when no run recorded any."""
+    rows = telemetry_rows(report["runs"])
+    if not rows:
+        return []
+    return ["", "## Inside training", "", "train.telemetry: the largest pre-softmax attention logit over the layers, "
+            "the lowest layer's attention entropy (nats) and the output logits' mean log-partition z; a run that did "
+            "not finish shows its telemetry up to its last step. Curves: report.html.", ""] + _md_table(
+        TELEMETRY_HEAD, [[f"{c:.3g}" if isinstance(c, float) else fmt_value(c) for c in row] for row in rows])
 
 
 def render_markdown(report: dict, images: list[str] = ()) -> str:
@@ -67,6 +79,7 @@ def render_markdown(report: dict, images: list[str] = ()) -> str:
     if report.get("config_errors"):
         lines += ["", "## Stopped by a config error before starting", ""]
         lines += [f"- `{r['id']}`: " + " ".join((r["error"] or "").split()) for r in report["config_errors"]]
+    lines += telemetry_lines(report)
     if report["lr_tuning"]:
         lines += ["", "## Learning rates", "", "Validation loss averaged over seeds at each learning rate; each "
                   "variant is compared at its best (**bold**).", ""]

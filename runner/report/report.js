@@ -122,6 +122,7 @@
   }
   function curves(fig, axis) {
     var kind = fig.getAttribute("data-kind"), series = [], axes = (fig.getAttribute("data-axes") || "").split(" ");
+    var field = fig.getAttribute("data-field") || "loss";  // telemetry charts draw another field of the points
     axis = axis || "tokens";
     if (axes.length > 1 && !fig.querySelector(".axis-buttons")) {
       var bar = document.createElement("div");
@@ -142,14 +143,14 @@
     fig.querySelectorAll(".axis-buttons button").forEach(function (b) { b.classList.toggle("on", b.getAttribute("data-axis") === axis); });
     DATA.runs.forEach(function (r) {
       var pts = ((r.curves || {})[kind] || []).filter(function (p) {
-        return p.loss !== null && p.loss !== undefined && xValue(p, r, axis) !== null; });
-      if (pts.length) series.push({run: r, pts: pts.map(function (p) { return [xValue(p, r, axis), p.loss, p.step]; })});
+        return p[field] !== null && p[field] !== undefined && xValue(p, r, axis) !== null; });
+      if (pts.length) series.push({run: r, pts: pts.map(function (p) { return [xValue(p, r, axis), p[field], p.step]; })});
     });
     if (!series.length) return empty(fig, "no " + kind + " curves recorded against " + XAXES[axis]);
     var xs = [], ys = [];
     series.forEach(function (s) { s.pts.forEach(function (p) { xs.push(p[0]); ys.push(p[1]); }); });
     var f = frame(fig, [Math.min(0, Math.min.apply(null, xs)), Math.max.apply(null, xs)], extent(ys, 0.06),
-                  XAXES[axis], kind === "val" ? "validation loss" : "training loss");
+                  XAXES[axis], fig.getAttribute("data-ylabel") || (kind === "val" ? "validation loss" : "training loss"));
     series.forEach(function (s) {
       var color = DATA.colors[s.run.variant_label], g = el("g", {"data-variant": s.run.variant_label}, f.plot);
       var d = s.pts.map(function (p, i) { return (i ? "L" : "M") + f.x(p[0]).toFixed(1) + "," + f.y(p[1]).toFixed(1); }).join("");
@@ -158,7 +159,7 @@
       el("title", {}, line, s.run.short + " (" + s.run.status + ")");
       if (s.pts.length <= 30) s.pts.forEach(function (p) {
         var c = el("circle", {cx: f.x(p[0]), cy: f.y(p[1]), r: 2.6, fill: color}, g);
-        el("title", {}, c, s.run.short + "\nstep " + p[2] + " · " + fmt(p[0]) + " " + axis + " · loss " + p[1].toFixed(4));
+        el("title", {}, c, s.run.short + "\nstep " + p[2] + " · " + fmt(p[0]) + " " + axis + " · " + field + " " + p[1].toFixed(4));
       });
     });
     legend(fig, f.svg, unique(series.map(function (s) { return s.run.variant_label; })));

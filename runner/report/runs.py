@@ -5,6 +5,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from runner.report.format import FINISHED, fmt_value
+from runner.report.telemetry import telemetry_points
 from runner.tracking import FAMILIES, sweep_group_name
 
 # Tableau 10: one colour per variant, shared by the HTML charts and the PNGs (seeds share their variant's);
@@ -68,6 +69,7 @@ def load_run(path: Path) -> dict:
         "curves": {k: [{f: p.get(f) for f in ("step", "tokens", "loss", "seconds")} for p in pts]
                    for k, pts in ((data.get("curves") or {}).items()) if isinstance(pts, list)},
     }
+    row["curves"]["telemetry"] = telemetry_points(data.get("curves") or {})  # three series, not every layer
     _time_val_points(row["curves"])
     for key, _, where in METRICS:
         row[key] = _number(_dig(data, where))
