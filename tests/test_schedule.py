@@ -112,3 +112,14 @@ def test_a_resumed_run_keeps_its_cooldown_points_and_does_not_redo_them(tmp_path
     # the same points, timings included: a redone branch would have measured its own seconds
     assert resumed["metrics"]["cooldowns"] == full["metrics"]["cooldowns"]
     assert resumed["metrics"]["val_loss"] == full["metrics"]["val_loss"]
+
+
+@pytest.mark.parametrize("experiment", ["ffn_ladder", "positions_ladder"])
+def test_the_ladder_presets_pass_the_schedule_checks(experiment):
+    from conftest import compose
+    from runner.budget import check_budget
+    t = compose([f"+experiment={experiment}"]).train
+    key = check_budget(t)
+    check_schedule_config(t, key)
+    check_cooldown_config(t, key)
+    assert key == "max_flops" and t.schedule == "wsd" and min(t.cooldowns) * 10 <= t.max_flops * 1.0001
