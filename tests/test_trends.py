@@ -118,3 +118,31 @@ def test_build_trends_says_the_gap_shrinks_and_where_it_would_cross():
     assert trends["fits"]["ffn=relu"]["kind"] == "power law"
     held = build_trends(ladder_runs(0.0), effects)["gaps"][0]
     assert held["trend"] == HOLDS and held["crossover"] is None
+
+
+def test_compare_report_shows_the_ladder_and_the_trend_headline(tmp_path):
+    """A sweep of wsd runs with cooldowns, as results.json files: the Markdown, HTML (inline SVG chart) and
+    PNG carry the trend section; the printed verdicts give the trend line."""
+    import json
+
+    from test_compare import write_results
+    from runner.report import build_report, gather, write_report
+    sweep = tmp_path / "outputs" / "ladder"
+    sweep.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    for run in ladder_runs(-0.06):
+        d = write_results(sweep / run["id"], ffn=run["variant"]["ffn"], seed=run["seed"])
+        record = json.loads((d / "results.json").read_text())
+        *cooldowns, final = run["ladder"]
+        record["metrics"].update(val_loss=final["val_loss"], train_flops=final["flops"], cooldowns=cooldowns)
+        record["config"]["train"].update(max_flops=final["flops"], schedule="wsd")
+        (d / "results.json").write_text(json.dumps(record))
+    report = build_report(gather([tmp_path / "outputs"]), ["outputs"])
+    assert report["trends"]["gaps"][0]["trend"] == SHRINKS and report["holm"]["comparisons"] == 1
+    written = {p.name: p for p in write_report(report, tmp_path / "r")}
+    md = written["report.md"].read_text()
+    assert "## Trends as compute grows" in md and "swiglu vs relu: at the largest budget (1e+12 FLOPs)" in md
+    assert "the gap shrinks" in md and "Holm p" in md and "power law" in md
+    page = written["report.html"].read_text()
+    assert 'data-chart="ladder"' in page and page.count("<circle") == 8  # 2 variants x 4 budgets
+    assert "ladder.png" in written

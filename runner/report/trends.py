@@ -352,4 +352,6 @@ def fit_line(label: str, fit: dict) -> str:
         body = (f"a line in log C: L = {fit['a']:.3f} {fit['b']:+.3f}·log10(C)"
                 + (f" (95%:{rng('b')} per decade)" if iv else "")
                 + " (too few budgets or no interior optimum for a power law)")
-    return f"{label}: {body} from {fit['budgets']} budgets x {fit['seeds']} seeds"
+    coarse = " (under 5 seeds: the bootstrap has few distinct resamples and its intervals run narrow)" \
+        if iv and fit["seeds"] < 5 else ""
+    return f"{label}: {body} from {fit['budgets']} budgets x {fit['seeds']} seeds{coarse}"
