@@ -146,3 +146,17 @@ def test_compare_report_shows_the_ladder_and_the_trend_headline(tmp_path):
     page = written["report.html"].read_text()
     assert 'data-chart="ladder"' in page and page.count("<circle") == 8  # 2 variants x 4 budgets
     assert "ladder.png" in written
+
+
+def test_the_wandb_workspace_gets_a_loss_vs_compute_panel_for_ladders():
+    pytest.importorskip("wandb_workspaces")
+    from runner.report.wandb_workspace import build_workspace
+    runs = ladder_runs(-0.06)
+    for r in runs:
+        r.update(group="g", status="ok", label_fields=["ffn"])
+    ws = build_workspace(runs, "team", "proj", "g")
+    (panel,) = next(s for s in ws.sections if s.name == "Loss vs compute (cooldowns)").panels
+    assert (panel.x, panel.y, panel.log_x, panel.log_y) == ("cooldown/flops", ["cooldown/val_loss"], True, True)
+    for r in runs:
+        r["ladder"] = r["ladder"][:1]  # one point each: no ladder, no panel
+    assert "Loss vs compute (cooldowns)" not in [s.name for s in build_workspace(runs, "team", "proj", "g").sections]
