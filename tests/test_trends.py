@@ -160,3 +160,10 @@ def test_the_wandb_workspace_gets_a_loss_vs_compute_panel_for_ladders():
     for r in runs:
         r["ladder"] = r["ladder"][:1]  # one point each: no ladder, no panel
     assert "Loss vs compute (cooldowns)" not in [s.name for s in build_workspace(runs, "team", "proj", "g").sections]
+
+
+def test_a_gap_that_changes_sign_inside_the_ladder_says_so():
+    effects = [{"family": "ffn", "choices": [{"choice": "relu"}, {"choice": "swiglu"}], "same_as": []}]
+    (g,) = build_trends(ladder_runs(-0.2), effects)["gaps"]  # +0.1 at 1e11, -0.1 at 1e12
+    assert g["trend"] == GROWS and g["gap"]["mean"] == pytest.approx(-0.1, abs=0.01)
+    assert "changed sign within the measured budgets (from +0.1" in trend_line(g)

@@ -301,12 +301,13 @@ def build_trends(runs: list[dict], effects: list[dict], reference=None) -> dict:
                 continue
             at_largest = [g for pts in per_seed.values() for c, g in pts if c == max(c2 for c2, _ in pts)]
             gap = paired_difference(at_largest)
+            at_smallest = [g for pts in per_seed.values() for c, g in pts if c == min(c2 for c2, _ in pts)]
             slope = slope_interval(per_seed)
             decades = logs[-1] - logs[0]
             verdict = trend_verdict(gap["mean"], slope, decades)
             row = {"family": family, "choice": choice, "reference": ref, "largest_flops": 10 ** logs[-1],
                    "smallest_flops": 10 ** logs[0], "budgets": len(logs), "gap": gap, "slope": slope,
-                   "trend": verdict, "crossover": None,
+                   "trend": verdict, "crossover": None, "gap_at_smallest": statistics.fmean(at_smallest),
                    "points": {str(s): pts for s, pts in per_seed.items()}}
             if verdict == SHRINKS:
                 row["crossover"] = crossover(per_seed, 10 ** logs[-1])
@@ -328,6 +329,8 @@ def trend_line(g: dict) -> str:
         return line + f"cannot tell (one seed: no interval) [{g['budgets']} budgets]"
     line += (f"the gap {g['trend']} ({s['slope']:+.3f} per decade of FLOPs, 95% [{s['lo']:+.3f}, {s['hi']:+.3f}]"
              + (f", Holm p {s['p_holm']:.2g}" if s.get("p_holm") is not None else "") + ")")
+    if g.get("gap_at_smallest") is not None and g["gap_at_smallest"] * gap["mean"] < 0:
+        line += f"; the mean gap changed sign within the measured budgets (from {g['gap_at_smallest']:+.3f})"
     x = g.get("crossover")
     if x:
         if x["refused"]:
