@@ -121,6 +121,9 @@ def plot_ladder(report, path):
         ax.plot(f["flops"], f["loss"], "o", color=colour, markersize=4)
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="validation loss",
            title="loss vs compute: seed means and fits")
+    from matplotlib.ticker import FormatStrFormatter
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))  # loss values, not powers of ten
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
     ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path)

@@ -327,7 +327,8 @@ def trend_line(g: dict) -> str:
             f"{gap['mean']:+.3f}{half} val loss, {gap['verdict']}; as compute grows ")
     if s is None or s["lo"] is None:
         return line + f"cannot tell (one seed: no interval) [{g['budgets']} budgets]"
-    line += (f"the gap {g['trend']} ({s['slope']:+.3f} per decade of FLOPs, 95% [{s['lo']:+.3f}, {s['hi']:+.3f}]"
+    said = "cannot tell whether the gap grows, holds or shrinks" if g["trend"] == CANNOT_TELL else f"the gap {g['trend']}"
+    line += (f"{said} (slope {s['slope']:+.3f} per decade of FLOPs, 95% [{s['lo']:+.3f}, {s['hi']:+.3f}]"
              + (f", Holm p {s['p_holm']:.2g}" if s.get("p_holm") is not None else "") + ")")
     if g.get("gap_at_smallest") is not None and g["gap_at_smallest"] * gap["mean"] < 0:
         line += f"; the mean gap changed sign within the measured budgets (from {g['gap_at_smallest']:+.3f})"
@@ -347,7 +348,7 @@ def trend_line(g: dict) -> str:
 def fit_line(label: str, fit: dict) -> str:
     """"relu: power law L = 3.1 + 1.2·(C/2e+11)^-0.45 (95%: E 2.9-3.3, α 0.3-0.6) from 4 budgets x 3 seeds\""""
     iv = fit.get("intervals", {})
-    rng = lambda k, d=3: f" {k if k != 'alpha' else 'α'} {iv[k][0]:.{d}g}-{iv[k][1]:.{d}g}" if k in iv else ""
+    rng = lambda k, d=3: f" {k if k != 'alpha' else 'α'} {iv[k][0]:.{d}g} to {iv[k][1]:.{d}g}" if k in iv else ""
     if fit["kind"] == "power law":
         body = (f"power law L = {fit['E']:.3f} + {fit['A']:.3f}·(C/{fit['c0']:.2g})^-{fit['alpha']:.3f}"
                 + (f" (95%:{rng('E')},{rng('A')},{rng('alpha')})" if iv else ""))
