@@ -102,7 +102,7 @@ def ladder_svg(report, width=640, height=340, pad=(56, 16, 20, 40)) -> str:
         parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
         parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{colour}"/>'
                   for x, y in zip(f["flops"], f["loss"])]
-        parts.append(f'<text x="{width - right - 4}" y="{top + 12 + 14 * i}" text-anchor="end" fill="{colour}">'
+        parts.append(f'<text x="{width - right - 4}" y="{top + 12 + 14 * i}" text-anchor="end" style="fill:{colour}">'
                      f'{html.escape(label)} ({f["kind"]})</text>')
     return "".join(parts) + "</svg>"
 
