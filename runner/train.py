@@ -25,11 +25,13 @@ from runner.sweep import finished_record
 from runner.build import build_model, check_model_config, record_model
 from runner.checkpoint import (RESUME_KEYS, latest_checkpoint, load_latest_readable, rng_state, save_checkpoint,
                                set_rng_state)
+from runner.cooldown import Cooldowns, check_cooldown_config
 from runner.compute import autocast_dtype, aux_loss, resolve_compile, to_device, training_loss
 from runner.evaluate import evaluate, require_checkpoint_tokenizer
 from runner.optim import build_optimizer, check_optimizer_config
 from runner.task import Interrupted, StopSignal, config_checks, task_run
 from runner.formatting import format_bytes
+from runner.schedule import build_schedule, check_schedule_config
 from runner.resume import require_checkpoint_to_resume, resume_command, resume_source, task_overrides
 from runner.runlock import RunLock
 from runner.tracking import PART_FAMILIES, Results, busy_machine_warning, machine_load, output_dir
@@ -38,23 +40,11 @@ log = logging.getLogger(__name__)
 progress = logging.getLogger("runner.progress")  # run.log only (conf/config.yaml): the terminal shows the bar
 
 
-def lr_lambda(warmup: int, max_steps: int | None, min_ratio: float, fraction_spent=None):
-    """Linear warm-up then cosine decay to min_ratio (as a multiplier of train.lr). The decay follows the
-    steps, or with fraction_spent (a callable: the share of a train.max_seconds budget spent) the clock."""
-    def schedule(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        if fraction_spent is not None:
-            progress = min(1.0, fraction_spent())
-        else:
-            progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return schedule
-
-
 def check_train_config(cfg: DictConfig):
     t = cfg.train
-    check_budget(t)  # exactly one of max_steps, max_tokens, max_flops, max_seconds
+    budget_key = check_budget(t)  # exactly one of max_steps, max_tokens, max_flops, max_seconds
+    check_schedule_config(t, budget_key)  # train.schedule (cosine | wsd) and train.cooldowns (runner/cooldown.py)
+    check_cooldown_config(t, budget_key)
     if t.grad_accum < 1 or t.batch_size % t.grad_accum:
         raise ValueError(f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}")
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if t.distributed != "none" else 1
@@ -146,7 +136,8 @@ class Trainer:
         self.train_seconds = 0.0  # time in optimizer steps: what train.max_seconds counts (checkpointed)
         time_share = (lambda: self.train_seconds / t.max_seconds) if self.max_steps is None else None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(t.warmup_steps, self.max_steps, t.min_lr_ratio, time_share))
+            self.optimizer, build_schedule(t, self.max_steps, time_share))
+        self.cooldowns = Cooldowns(t, check_budget(t), self.tokens_per_step, self.flops_per_token)
         # train.telemetry: probes inside the model and the optimizer step, read at log steps (runner/telemetry.py)
         self.telemetry = telemetry.build(t.get("telemetry"), model, self.optimizer, t.log_every)
         # A step takes batch_size rows of the epoch's permutation, cut into world_size x grad_accum interleaved
@@ -229,6 +220,7 @@ class Trainer:
                 self.window["time"] += time.perf_counter() - started
                 self.pending_losses.append((self.step, step_loss, extras))
                 self.window["steps"] += 1
+                self.cooldowns.branch_if_due(self, stop, vote)  # train.cooldowns: a decay branch, then back
                 self.between_steps(grad_norm, bar)
                 bar.update(1)
         if self.window["steps"]:  # a time budget ends between log steps: its last window
@@ -377,6 +369,7 @@ class Trainer:
             "train_tokens_per_s": throughput,
             **spent(self.step, self.tokens_per_step, self.flops_per_token, self.train_seconds),
             "mfu": (throughput * self.flops_per_token / self.peak_flops) if self.peak_flops and throughput else None,
+            **self.cooldowns.metrics(self.curves),
         }
         # what each layer's attention ran (model.attention.kernel=auto decides per call; the final evaluation's
         # forward is uncompiled and sees the same packed rows as training)

@@ -31,3 +31,16 @@ def test_size_overrides_the_preset_and_sets_training_defaults():
     assert cfg.train.max_steps == 400 and cfg.train.lr == 2e-3
     cfg = compose(["model/size=m", "train.max_steps=5"])  # the command line still wins
     assert cfg.train.max_steps == 5 and cfg.model.d_model == 512
+
+
+def test_xxs_is_the_rung_below_xs_for_cpu_ladders():
+    """xxs (conf/model/size/xxs.yaml): about 0.37M non-embedding parameters for gqa_rope, under a third of
+    xs's FLOPs per token (a FLOPs budget buys it over 3x the steps)."""
+    models = {}
+    for size in ("xxs", "xs"):
+        cfg = compose(["model=gqa_rope", f"model/size={size}"])
+        with open_dict(cfg):
+            cfg.model.vocab_size = 4096
+        models[size] = build_model(cfg.model, torch.device("meta"))
+    assert 0.3e6 < models["xxs"].num_params(exclude_embeddings=True) < 0.45e6
+    assert models["xs"].flops_per_token(128) > 3 * models["xxs"].flops_per_token(128)

@@ -67,6 +67,9 @@ def main(cfg: DictConfig):
         print(f"  {verdict_line(v)}")
     if not report["verdicts"]:
         print("  none: no family has two choices among the compared runs")
+    from runner.report.trends import trend_line
+    for g in (report.get("trends") or {}).get("gaps", []):  # as compute grows (budget ladders)
+        print(f"  trend: {trend_line(g)}")
     if c.get("wandb"):
         from runner.report.wandb_workspace import publish
         url = publish(runs, cfg)

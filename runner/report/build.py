@@ -8,6 +8,7 @@ from runner.report.markdown import render_markdown
 from runner.report.runs import METRICS, colour, short_labels
 from runner.report.select import at_best_lr, best_learning_rates, select_comparable
 from runner.report.stats import effects, pareto_front
+from runner.report.trends import build_trends, holm_verdicts, lr_sensitivity
 from runner.report.verdicts import paired_verdicts
 from runner.tracking import FAMILIES
 
@@ -45,6 +46,7 @@ def build_report(runs: list[dict], dirs, tasks=("train",), sweep=None, reference
         r.update({k: r.get(k) for k in harness})
     fams = effects(tuned)
     show_lr = len({r["lr"] for r in compared}) > 1
+    verdicts = paired_verdicts(tuned, fams, reference)
     return {
         "title": "Variant comparison",
         "colors": {v: colour(i) for i, v in enumerate(variants)},
@@ -61,7 +63,10 @@ def build_report(runs: list[dict], dirs, tasks=("train",), sweep=None, reference
         "cost": {"name": cost, "key": cost_key, "label": cost_label, "higher_is_better": higher},
         "lr_tuning": tuning if show_lr else [],
         "effects": fams,
-        "verdicts": paired_verdicts(tuned, fams, reference),
+        "verdicts": verdicts,
+        "holm": holm_verdicts(verdicts),  # p, Holm-adjusted p and verdict on each verdict; the number of them
+        "trends": build_trends(tuned, fams, reference),  # loss vs compute (runner/report/trends.py)
+        "lr_sensitivity": lr_sensitivity(tuning) if show_lr else [],
         "by_size": _by_size(tuned, reference),
         "not_finished": [r for r in runs if r["status"] != FINISHED and not r.get("config_error")],
         "config_errors": [r for r in runs if r["status"] != FINISHED and r.get("config_error")],  # never started

@@ -16,6 +16,7 @@ from importlib import resources
 from runner.report.format import FINISHED, budget_note, family_title, fmt, fmt_interval, fmt_lr
 from runner.report.markdown import VERDICT_HEAD, lr_cells, verdict_rows
 from runner.report.telemetry import SERIES, TELEMETRY_HEAD, telemetry_rows
+from runner.report.trend_render import trends_html
 from runner.report.verdicts import verdict_line
 
 
@@ -42,7 +43,7 @@ def render_html(report: dict) -> str:
     payload = json.dumps(data, default=str).replace("</", "<\\/")
     head = HEAD.replace("{title}", html.escape(report["title"])).replace("{style}", _asset("report.css"))
     head = head.replace("{errors}", _asset("report-errors.js"))
-    parts = [head, _header(report), _verdicts(report), _runs_table(report), _not_finished(report),
+    parts = [head, _header(report), _verdicts(report), trends_html(report), _runs_table(report), _not_finished(report),
              _config_errors(report), CURVES, _telemetry(report), _pareto(report), MEMORY, _lr_tuning(report), _effects(report),
              _by_size(report),
              f'<footer>Written by <code>python run.py task=compare</code> from {len(runs)} results.json files '

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from runner.report.format import (FINISHED, budget_note, family_title, fmt, fmt_interval, fmt_lr, fmt_value)
 from runner.report.telemetry import TELEMETRY_HEAD, telemetry_rows
+from runner.report.trend_render import trends_markdown
 from runner.report.verdicts import verdict_line
 
 
@@ -59,6 +60,7 @@ def render_markdown(report: dict, images: list[str] = ()) -> str:
         lines += [""] + _md_table(VERDICT_HEAD, verdict_rows(report["verdicts"]))
     else:
         lines += ["No family has two choices among the compared runs."]
+    lines += trends_markdown(report)  # as compute grows; Holm; lr sensitivity
     cost = report["cost"]
     lines += ["", "## Runs", "", f"Compared runs first, by validation loss; ★ marks the front of validation loss "
               f"against {cost['label']} (compare.cost={cost['name']}).", ""]

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from runner.report.format import FINISHED, fmt  # noqa: E402
+from runner.report.trend_render import plot_ladder  # noqa: E402
 
 STYLE = {"figure.dpi": 110, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
          "grid.alpha": 0.3, "font.size": 9, "axes.titlesize": 10, "legend.fontsize": 8, "legend.frameon": False}
@@ -20,7 +21,8 @@ STYLE = {"figure.dpi": 110, "axes.spines.top": False, "axes.spines.right": False
 def write_pngs(report: dict, out: Path) -> list[Path]:
     with plt.rc_context(STYLE):
         paths = [plot_curves(report, out / "curves.png"), plot_pareto(report, out / "pareto.png"),
-                 plot_memory(report, out / "memory.png"), plot_effects(report, out / "effects.png")]
+                 plot_memory(report, out / "memory.png"), plot_effects(report, out / "effects.png"),
+                 plot_ladder(report, out / "ladder.png")]
     return [p for p in paths if p is not None]
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from runner.report.format import FINISHED, fmt_value
 from runner.report.telemetry import telemetry_points
+from runner.report.trends import ladder_points
 from runner.tracking import FAMILIES, sweep_group_name
 
 # Tableau 10: one colour per variant, shared by the HTML charts and the PNGs (seeds share their variant's);
@@ -71,6 +72,7 @@ def load_run(path: Path) -> dict:
     }
     row["curves"]["telemetry"] = telemetry_points(data.get("curves") or {})  # three series, not every layer
     _time_val_points(row["curves"])
+    row["ladder"] = ladder_points(data)  # (budget, FLOPs, val loss): cooldowns and the final loss (trends.py)
     for key, _, where in METRICS:
         row[key] = _number(_dig(data, where))
     for task, scores in ((data.get("metrics") or {}).get("lm_eval") or {}).items():  # task=lm_eval: one per metric

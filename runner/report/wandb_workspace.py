@@ -87,6 +87,10 @@ def build_workspace(runs: list[dict], entity: str, project: str, group: str, nam
                        groupby=wr.Config(f"variant.{f}"), groupby_aggfunc="mean", groupby_rangefunc="stderr")
             for f in effect_families]),
     ]
+    if any(r.get("ladder") and len(r["ladder"]) > 1 for r in in_group):  # train.cooldowns: loss vs compute
+        sections.append(ws.Section(name="Loss vs compute (cooldowns)", is_open=True, panels=[
+            wr.LinePlot(title="cooldown validation loss vs training FLOPs", x="cooldown/flops", y=["cooldown/val_loss"],
+                        log_x=True, log_y=True, groupby_aggfunc="mean", groupby_rangefunc="minmax")]))
     return ws.Workspace(
         entity=entity, project=project, name=name or f"compare {group}", sections=sections,
         settings=ws.WorkspaceSettings(x_axis="step"),
