@@ -46,6 +46,14 @@ def param_groups(model: nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw(model: nn.Module, t: DictConfig, device: torch.device, distributed: bool = False):
+    """AdamW over param_groups with the fused kernel (no Python loop over parameters) on CUDA, and on a CPU
+    outside torchrun (4x faster than the loop for a small model's many small tensors; sharded DTensor
+    parameters keep the loop there)."""
+    fused = device.type == "cuda" or (device.type == "cpu" and not distributed)
+    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), fused=fused)
+
+
 def lr_lambda(warmup: int, max_steps: int | None, min_ratio: float, fraction_spent=None):
     """Linear warm-up then cosine decay to min_ratio (as a multiplier of train.lr). The decay follows the
     steps, or with fraction_spent (a callable: the share of a train.max_seconds budget spent) the clock."""
@@ -142,8 +150,7 @@ class Trainer:
             checkpoint_blocks(model)
         compiled = resolve_compile(t.compile, device)  # auto: on CUDA
         self.forward_model = torch.compile(self.model) if compiled else self.model
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
-                                           fused=device.type == "cuda")
+        self.optimizer = adamw(self.model, t, device, dist.enabled)
         # the budget in steps (tokens and FLOPs buy a whole number of them); None: train.max_seconds, the clock
         self.tokens_per_step = t.batch_size * cfg.data.seq_len
         self.max_steps = steps_for_budget(t, self.tokens_per_step, self.flops_per_token)

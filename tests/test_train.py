@@ -300,3 +300,26 @@ def test_resuming_with_another_model_config_says_which_overrides_to_use(tmp_path
     assert out.returncode != 0
     message = results(tmp_path / "run")["error"]["message"]
     assert "does not fit this model config" in message and "model.d_model=48" in message
+
+
+def test_the_optimizer_is_fused_on_a_cpu_and_steps_as_the_loop_does():
+    """runner.train.adamw: the fused kernel on a CPU outside torchrun, the per-parameter loop under it; one step
+    of each lands where torch's reference loop does."""
+    from omegaconf import OmegaConf
+
+    from conftest import tiny_model
+    from runner.train import adamw, param_groups
+    t = OmegaConf.create({"lr": 1e-2, "betas": [0.9, 0.99], "weight_decay": 0.1})
+    models = [tiny_model(seed=3).train() for _ in range(3)]
+    optimizers = [adamw(models[0], t, torch.device("cpu")), adamw(models[1], t, torch.device("cpu"), distributed=True),
+                  torch.optim.AdamW(param_groups(models[2], 0.1), lr=1e-2, betas=(0.9, 0.99), foreach=False)]
+    assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["fused"]
+    ids = torch.randint(0, 61, (2, 12))
+    for model, opt in zip(models, optimizers):
+        for _ in range(3):
+            model(ids).logsumexp(-1).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b, ref in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, ref, rtol=1e-5, atol=1e-6)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from runner.build import build_model
 from runner.compute import batch_loss, to_device
-from runner.train import lr_lambda, param_groups
+from runner.train import adamw, lr_lambda
 
 REFERENCE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, lr=1e-3, min_lr=1e-4, beta1=0.9,
                  beta2=0.99, warmup=100, weight_decay=0.1, grad_clip=1.0, dropout=0.0)
@@ -138,7 +138,7 @@ class OurSide:
         t = self.cfg.train
         torch.manual_seed(seed)
         self.model = build_model(self.cfg.model).train()
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+        self.optimizer = adamw(self.model, t, torch.device("cpu"))  # the Trainer's
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio))
         self.grad_clip = t.grad_clip
