@@ -123,7 +123,7 @@ def test_single_document_rows_take_the_causal_fast_path_with_the_same_loss_and_g
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: (calls.append(k), sdpa(*a, **k))[1])
     fast_batch = to_device(batch, torch.device("cpu"))
-    assert "document_ids" not in fast_batch
+    assert "document_ids" not in fast_batch and "position_ids" not in fast_batch  # positions were 0..T-1
     fast = batch_loss(model, fast_batch)
     fast_grads = torch.autograd.grad(fast, list(model.parameters()))
     if window is None:  # plain causal: no mask at all; a sliding window still needs its own dense mask
@@ -140,3 +140,18 @@ def test_rows_packing_several_documents_keep_their_document_ids():
     from runner.compute import to_device
     batch = _packed_batch([[3] * 16, [4] * 10 + [5] * 6])
     assert torch.equal(to_device(batch, torch.device("cpu"))["document_ids"], batch["document_ids"])
+    continuing = {**_packed_batch([[3] * 16, [4] * 16]), "position_ids": torch.arange(5, 21).expand(2, 16)}
+    assert torch.equal(to_device(continuing, torch.device("cpu"))["position_ids"], continuing["position_ids"])
+
+
+def test_learned_positions_of_a_broadcast_row_equal_the_per_row_lookup():
+    from variants import LearnedPosition
+    torch.manual_seed(0)
+    pos = LearnedPosition(d_model=8, head_dim=2, max_seq_len=16)
+    x = torch.randn(3, 16, 8)
+    broadcast, _ = pos(x, torch.arange(16).expand(3, 16))
+    per_row, _ = pos(x, torch.arange(16).repeat(3, 1))
+    assert torch.equal(broadcast, per_row)
+    grads = [torch.autograd.grad(out.square().sum(), pos.embedding.weight)[0]
+             for out in (pos(x, torch.arange(16).expand(3, 16))[0], pos(x, torch.arange(16).repeat(3, 1))[0])]
+    torch.testing.assert_close(grads[0], grads[1])
