@@ -12,8 +12,8 @@ project's own model builder, optimizer groups, LR schedule, batch transfer and l
 runner.compute), so it measures what `python run.py` trains; nanoGPT's side uses its model.py,
 configure_optimizers and train.py's get_lr, as its train.py does.
 
-The two train in interleaved rounds (a block of steps each, the order alternating), so a busy machine slows
-both alike: only the per-round ratio of median step times means anything there. Validation loss is the
+The two train step by step in alternation (the order flipping every step), so a busy machine slows both alike:
+only the per-round ratio of median step times means anything there. Validation loss is the
 mean next-character NLL over every validation character (non-overlapping windows of block_size, one code
 path for both models).
 """
@@ -178,19 +178,18 @@ def validation_nll(side, val, block: int, batch_size: int = 64) -> float:
 
 
 def run_rounds(sides, all_batches, rounds: int) -> list[dict]:
-    """`rounds` blocks of steps per side, interleaved (the order alternating); each side's median step time."""
+    """The steps split into `rounds`; within a round the two sides alternate step by step (the order flipping
+    every step), so a load that comes and goes slows both alike. Each side's median step time per round."""
     per_round = len(all_batches) // rounds
     results = []
     for r in range(rounds):
-        block = all_batches[r * per_round:(r + 1) * per_round]
-        times = {}
-        for side in (sides if r % 2 == 0 else sides[::-1]):
-            seconds = []
-            for x, y in block:
+        seconds = {side.name: [] for side in sides}
+        for i, (x, y) in enumerate(all_batches[r * per_round:(r + 1) * per_round]):
+            for side in (sides if i % 2 == 0 else sides[::-1]):
                 start = time.perf_counter()
                 side.step(x, y)
-                seconds.append(time.perf_counter() - start)
-            times[side.name] = statistics.median(seconds)
+                seconds[side.name].append(time.perf_counter() - start)
+        times = {name: statistics.median(s) for name, s in seconds.items()}
         results.append(times)
         print(f"round {r + 1}/{rounds}: median step ours {times['ours'] * 1e3:.2f} ms, nanoGPT "
               f"{times['nanoGPT'] * 1e3:.2f} ms, tokens/s ratio {times['nanoGPT'] / times['ours']:.3f}", flush=True)
