@@ -164,12 +164,14 @@ def validation_nll(side, val, block: int, batch_size: int = 64) -> float:
     """Mean NLL (nats) of every validation character after the first, in non-overlapping windows of `block`."""
     side.model.eval()
     starts = list(range(0, len(val) - 1, block))
+    full = [s for s in starts if s + block < len(val)]
+    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    groups += [[s] for s in starts if s + block >= len(val)]  # the shorter last window, alone
     total, count = 0.0, 0
-    for i in range(0, len(starts), batch_size):
-        windows = [(val[s:s + block], val[s + 1:s + 1 + block]) for s in starts[i:i + batch_size]]
-        n = min(len(y) for _, y in windows)  # the last window may be shorter: score what every row has
-        x = torch.stack([w[0][:n] for w in windows])
-        y = torch.stack([w[1][:n] for w in windows])
+    for group in groups:
+        n = min(block, len(val) - 1 - group[0])
+        x = torch.stack([val[s:s + n] for s in group])
+        y = torch.stack([val[s + 1:s + 1 + n] for s in group])
         logits = side.logits(x)
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
         count += y.numel()
