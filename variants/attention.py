@@ -162,6 +162,7 @@ def attend(module, q, k, v, ctx, scale):
     A module's `dropout` (attention-probability dropout) applies in training only."""
     kernel = KERNELS[module.kernel]
     dropout_p = getattr(module, "dropout", 0.0) if module.training else 0.0
+    dropout_p = dropout_p if isinstance(dropout_p, (int, float)) else 0.0  # a user's part may hold an nn.Dropout there
     # One dtype for every kernel: under autocast the projections give bf16 but RoPE's float32 tables or
     # QK-norm's float32 weights can promote q and k (flex_attention on torch <= 2.10 rejects mixed dtypes).
     q, k = q.to(v.dtype), k.to(v.dtype)
