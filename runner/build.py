@@ -3,6 +3,8 @@
 Building on `torch.device("meta")` runs every constructor's validation (head counts, rotary dims, windows,
 unknown kernels) without allocating a byte, so a config that cannot work fails before data is read.
 """
+from functools import partial
+
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -92,7 +94,7 @@ def build_phi3(checkpoint=None, dtype=None, **model_kwargs) -> TransformerLM:
         raise ValueError(f"a checkpoint loads into variants.Attention, not {attn!r}")
     return from_hf(checkpoint, n_kv_heads=options.get("n_kv_heads"), window=options.get("window"),
                    attention_schedule=model_kwargs.get("attention_schedule"), kernel=options.get("kernel", "auto"),
-                   dtype=dtype, model_cls=TransformerLM)
+                   dtype=dtype, model_cls=partial(TransformerLM, dropout=model_kwargs.get("dropout", 0.0)))
 
 
 def build_from_checkpoint(checkpoint, model_cfg: dict) -> TransformerLM:

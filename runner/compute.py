@@ -31,10 +31,31 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """A batch's tensors on the device. To CUDA through pinned memory: a copy from pageable memory waits for
-    the stream first (a host sync per step); pinned, it is queued and the host runs ahead (nanoGPT's pin_memory)."""
+    the stream first (a host sync per step); pinned, it is queued and the host runs ahead (nanoGPT's pin_memory).
+    Rows of one document each lose their document ids first (without_single_documents)."""
+    batch = without_single_documents(batch)
     if device.type != "cuda":
         return {k: v.to(device) for k, v in batch.items()}
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def without_single_documents(batch: dict) -> dict:
+    """The batch without document_ids when every row holds one document: its same-document mask is then all
+    true, so the model takes the plain causal path (SDPA's is_causal fast path, no dense mask built per call,
+    FlexAttention left for packed rows) with the same result; position_ids go too when they are 0..T-1 in every
+    row (the model's default), and stay otherwise.
+    Decided on the host, where the loader builds batches (a tensor already on an accelerator is kept as it is:
+    reading it would wait for the device)."""
+    docs = batch.get("document_ids")
+    if docs is None or docs.device.type != "cpu" or docs.dim() != 2 or docs.shape[1] == 0:
+        return batch
+    if not torch.equal(docs, docs[:, :1].expand_as(docs)):  # a host-side comparison, no device read
+        return batch
+    drop = {"document_ids"}
+    pos = batch.get("position_ids")
+    if pos is not None and pos.shape == docs.shape and torch.equal(pos, torch.arange(pos.shape[1], dtype=pos.dtype).expand_as(pos)):
+        drop.add("position_ids")  # the model's own 0..T-1, one row broadcast (a learned table looked up once)
+    return {k: v for k, v in batch.items() if k not in drop}
 
 
 def resolve_compile(setting, device) -> bool:

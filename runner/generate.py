@@ -6,11 +6,16 @@ none, tokens streamed as they come.
     python run.py task=generate ... "prompt=['def f(x):','import os']"  # a batch
 
 (Hydra reads `prompt=...` with its override grammar: quote text with parentheses, commas or colons inside
-single quotes, as above.)
+single quotes, as above; a prompt it cannot hold, e.g. one that starts with a newline, goes in a file:
+`generate.prompt_file=prompt.txt`, read exactly as written.)
 
 Batched prompts are left-padded so that every row's next token lands in the same column. The padding is a
 document of its own (document id -1, the prompt's is 0): no prompt token attends to it and the prompt's
 positions start at 0, so a padded row decodes exactly as it would alone.
+
+Past model.max_seq_len (prompt + new tokens) the context is cropped to its last max_seq_len tokens, as nanoGPT
+and transformers do, and encoded afresh every step from then on (positions start at 0 at the crop: the KV
+cache is recomputed, never shifted), so a 64-position model writes any length.
 """
 import sys
 import time
@@ -54,7 +59,8 @@ def generate(model, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
 
     Returns each row's new tokens, ending with the first end-of-text token (eos_token_id: an id or a list)
     when one came. Generation stops when every row has ended or after max_new_tokens. With use_cache=False
-    every step runs the whole sequence again (the reference the cache must match).
+    every step runs the whole sequence again (the reference the cache must match). Past model.max_seq_len
+    tokens, every step sees only the last max_seq_len (crop_context).
     on_token(step, tokens (B,), finished (B,)) is called for every step as it arrives; `finished` marks
     rows that had ended before this step.
     compile=True (with the cache): the fixed-shape, torch.compile'd prefill and step of runner/decode.py;
@@ -64,7 +70,6 @@ def generate(model, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
         prompts = [prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    check_prompt_fits(model, prompts, max_new_tokens)
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, P), pad_token_id, dtype=torch.long, device=device)
@@ -78,8 +83,10 @@ def generate(model, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
     if seed is not None and temperature and temperature > 0:
         generator = torch.Generator(device=device).manual_seed(int(seed))
 
-    decoder = Decoder(model, B, P + max_new_tokens, compile=True) if compile and use_cache else None
-    cache = model.allocate_cache(B, P + max_new_tokens) if use_cache and decoder is None else None
+    ids, docs = crop_context(ids, docs, model.max_seq_len)
+    cache_len = min(P + max_new_tokens, model.max_seq_len)
+    decoder = Decoder(model, B, cache_len, compile=True) if compile and use_cache else None
+    cache = model.allocate_cache(B, cache_len) if use_cache and decoder is None else None
     switch = model.reencode_at  # e.g. LongRoPE past its original context: cached keys go stale there
     longest = max(len(p) for p in prompts)  # the largest position + 1 in this call decides LongRoPE's factors
     long_mode = switch is not None and longest > switch
@@ -96,13 +103,14 @@ def generate(model, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
         ids = torch.cat([ids, token[:, None]], dim=1)
         docs = torch.cat([docs, torch.full((B, 1), PROMPT_DOCUMENT, dtype=torch.long, device=device)], dim=1)
         crossing = switch is not None and not long_mode and longest + step + 1 > switch
+        long_mode = long_mode or crossing
+        cropped = ids.shape[1] > model.max_seq_len
+        ids, docs = crop_context(ids, docs, model.max_seq_len)
         if decoder is not None:  # re-encoding is one more prefill (compiled for its length); the step stays
-            long_mode = long_mode or crossing
-            logits = decoder.prefill(ids, docs) if crossing else decoder.step(token)
-        elif cache is None or crossing:
-            if cache is not None:  # the position encoding changed (LongRoPE's long factors): re-encode once
+            logits = decoder.prefill(ids, docs) if crossing or cropped else decoder.step(token)
+        elif cache is None or crossing or cropped:
+            if cache is not None:  # positions changed (a crop, LongRoPE's long factors): re-encode the context
                 cache.reset()
-                long_mode = True
             logits = model(ids, document_ids=docs, cache=cache)[:, -1]
         else:
             logits = model(token[:, None], cache=cache)[:, -1]
@@ -221,14 +229,32 @@ def continuation(tok: PromptTokenizer, prompt_ids, new_ids) -> str:
     return after[len(before):] if after.startswith(before) else tok.decode(new_ids)
 
 
-def check_prompt_fits(model, prompts, max_new_tokens: int) -> None:
-    """Every position type stops at model.max_seq_len alike (learned positions have no row past it; RoPE would
-    extrapolate silently). A LongRoPE checkpoint's max_seq_len is its long context."""
+def crop_context(ids, docs, max_seq_len: int):
+    """The last max_seq_len columns of ids and docs (B, T), nanoGPT's `idx[:, -block_size:]`. Every position
+    type is cropped alike: learned positions have no row past max_seq_len, and RoPE would extrapolate past what
+    the model was trained on (a LongRoPE checkpoint's max_seq_len is its long context)."""
+    return (ids, docs) if ids.shape[1] <= max_seq_len else (ids[:, -max_seq_len:], docs[:, -max_seq_len:])
+
+
+def context_note(model, prompts, max_new_tokens: int) -> str | None:
+    """The stderr line said when generation will pass model.max_seq_len, or None."""
     longest = max((len(p) for p in prompts), default=0)
-    if longest + max_new_tokens > model.max_seq_len:
-        raise ValueError(f"generate.max_new_tokens={max_new_tokens} after a prompt of {longest} tokens needs "
-                         f"{longest + max_new_tokens} positions, more than model.max_seq_len={model.max_seq_len}: "
-                         f"shorten the prompt or lower generate.max_new_tokens")
+    if longest + max_new_tokens <= model.max_seq_len:
+        return None
+    return (f"# {longest} prompt tokens + generate.max_new_tokens={max_new_tokens} pass model.max_seq_len="
+            f"{model.max_seq_len}: each new token sees only the last {model.max_seq_len} tokens (re-encoded)")
+
+
+def prompt_texts(cfg) -> list[str]:
+    """generate.prompt_file's whole text, exactly as written (a leading newline, quotes, '=' and all that Hydra's
+    override grammar cannot hold), else the root config's `prompt` (a string or a list)."""
+    path = cfg.generate.get("prompt_file")
+    if path:
+        from pathlib import Path
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"generate.prompt_file={path} is not a file")
+        return [Path(path).read_text(encoding="utf-8")]
+    return [cfg.prompt] if isinstance(cfg.prompt, str) else list(cfg.prompt)
 
 
 def main(cfg):
@@ -245,16 +271,17 @@ def _generate(cfg, run) -> dict:
     with config_checks():  # a bad model config fails before a corpus or tokenizer is read (and prints in one line)
         check_model_config(cfg.model)
         compile_decoding = resolve_compile(g.get("compile"), device)  # generate.compile: auto | true | false
+        texts = prompt_texts(cfg)
     model, tok, source = load_model_and_tokenizer(cfg, device)
     record_model(run.results, model)
     run.results.update(weights=source)
-    texts = [cfg.prompt] if isinstance(cfg.prompt, str) else list(cfg.prompt)
     with config_checks():
         if g.get("chat") and tok.chat_template is None:
             raise ValueError(f"generate.chat=true but tokenizer {tok.name!r} has no chat template")
         prompts = [tok.chat_template(t) if g.get("chat") else tok.encode(t) for t in texts]
-        check_prompt_fits(model, prompts, g.max_new_tokens)
     print(f"# {source}; tokenizer {tok.name}; {model.num_params():,} parameters on {device}", file=sys.stderr)
+    if context_note(model, prompts, g.max_new_tokens):
+        print(context_note(model, prompts, g.max_new_tokens), file=sys.stderr)
     if not cfg.model.get("checkpoint") and not g.get("weights"):
         print(random_weights_notice(), file=sys.stderr)
 

@@ -160,3 +160,56 @@ def test_training_loss_with_z_loss_matches_the_naive_full_logits(chunkable):
     # z_loss = 0: exactly the plain batch loss, no z term
     objective, loss, z = training_loss(model, batch)
     assert z is None and torch.equal(loss, plain.detach())
+
+
+def _packed_batch(docs):
+    """A packed batch over document ids `docs` (B, T): positions restart at each document, as packing.py's."""
+    from variants import positions_from_documents
+    docs = torch.tensor(docs)
+    ids = torch.randint(0, 61, docs.shape, generator=torch.Generator().manual_seed(2))
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = IGNORE
+    return {"input_ids": ids, "labels": labels, "position_ids": positions_from_documents(docs), "document_ids": docs}
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_single_document_rows_take_the_causal_fast_path_with_the_same_loss_and_gradients(monkeypatch, window):
+    from runner.compute import batch_loss, to_device
+    model = tiny_model(n_kv_heads=2, window=window).train()
+    batch = _packed_batch([[3] * 16, [4] * 16, [-1] * 16])  # one document per row (the last all padding)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: (calls.append(k), sdpa(*a, **k))[1])
+    fast_batch = to_device(batch, torch.device("cpu"))
+    assert "document_ids" not in fast_batch and "position_ids" not in fast_batch  # positions were 0..T-1
+    fast = batch_loss(model, fast_batch)
+    fast_grads = torch.autograd.grad(fast, list(model.parameters()))
+    if window is None:  # plain causal: no mask at all; a sliding window still needs its own dense mask
+        assert calls and all(k.get("is_causal") and k.get("attn_mask") is None for k in calls)
+    calls.clear()
+    masked = batch_loss(model, batch)  # the same rows through the same-document mask
+    assert calls and all(k.get("attn_mask") is not None for k in calls)
+    torch.testing.assert_close(fast, masked)
+    for a, b in zip(fast_grads, torch.autograd.grad(masked, list(model.parameters()))):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_rows_packing_several_documents_keep_their_document_ids():
+    from runner.compute import to_device
+    batch = _packed_batch([[3] * 16, [4] * 10 + [5] * 6])
+    assert torch.equal(to_device(batch, torch.device("cpu"))["document_ids"], batch["document_ids"])
+    continuing = {**_packed_batch([[3] * 16, [4] * 16]), "position_ids": torch.arange(5, 21).expand(2, 16)}
+    assert torch.equal(to_device(continuing, torch.device("cpu"))["position_ids"], continuing["position_ids"])
+
+
+def test_learned_positions_of_a_broadcast_row_equal_the_per_row_lookup():
+    from variants import LearnedPosition
+    torch.manual_seed(0)
+    pos = LearnedPosition(d_model=8, head_dim=2, max_seq_len=16)
+    x = torch.randn(3, 16, 8)
+    broadcast, _ = pos(x, torch.arange(16).expand(3, 16))
+    per_row, _ = pos(x, torch.arange(16).repeat(3, 1))
+    assert torch.equal(broadcast, per_row)
+    grads = [torch.autograd.grad(out.square().sum(), pos.embedding.weight)[0]
+             for out in (pos(x, torch.arange(16).expand(3, 16))[0], pos(x, torch.arange(16).repeat(3, 1))[0])]
+    torch.testing.assert_close(grads[0], grads[1])

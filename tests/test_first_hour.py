@@ -132,7 +132,9 @@ def test_ctrl_c_while_the_task_wrapper_records_a_finished_task_is_not_lost(tmp_p
 
 
 @pytest.mark.parametrize("position", ["rope", "learned"])
-def test_an_over_long_prompt_is_the_same_clear_error_for_every_position_type(tmp_path, monkeypatch, position):
+def test_an_over_long_prompt_is_cropped_alike_for_every_position_type(tmp_path, monkeypatch, capsys, position):
+    """Past model.max_seq_len generation goes on over the last max_seq_len tokens (issue 27; nanoGPT's crop), and
+    says so on stderr; the cropping itself is checked against a naive forward in test_generate.py."""
     from conftest import compose
     from runner.generate import main
     from test_generate import save_tiny_tokenizer
@@ -140,16 +142,11 @@ def test_an_over_long_prompt_is_the_same_clear_error_for_every_position_type(tmp
     tok = save_tiny_tokenizer(tmp_path / "tok")
     cfg = compose(["task=generate", f"model/position={position}", "tokenizer=hf", f"tokenizer.name_or_path={tok}",
                    "data.seq_len=16", "generate.max_new_tokens=8", "prompt='" + "x = 1 + 2; " * 4 + "'", "logger=none"])
-    with pytest.raises(ValueError, match=r"generate\.max_new_tokens=8 after a prompt of (\d+) tokens needs \d+ "
-                                         r"positions, more than model\.max_seq_len=16") as err:
-        main(cfg)
-    assert getattr(err.value, "config_error", False)  # run.py prints it in one line
+    result = main(cfg)
+    assert len(result["prompt_ids"][0]) > 16 and 1 <= len(result["tokens"][0]) <= 8
+    assert "pass model.max_seq_len=16: each new token sees only the last 16 tokens" in capsys.readouterr().err
     r = json.loads((tmp_path / "results.json").read_text())
-    assert r["status"] == "failed" and "model.max_seq_len=16" in r["error"]["message"]
-    # a prompt that fits generates, for both position types
-    cfg = compose(["task=generate", f"model/position={position}", "tokenizer=hf", f"tokenizer.name_or_path={tok}",
-                   "data.seq_len=16", "generate.max_new_tokens=8", "prompt='x = 1'", "logger=none"])
-    assert 1 <= len(main(cfg)["tokens"][0]) <= 8
+    assert r["status"] == "ok"
 
 
 @pytest.mark.slow

@@ -130,3 +130,25 @@ def test_a_users_own_part_takes_part_in_fusion():
     model = tiny_model(ffn=MyFFN)
     assert model.fuse_projections() == 2 + 2  # its two attention modules' qkv, and its own parts
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_training_runs_each_group_as_one_gemm_with_the_same_gradients(bias):
+    """In training q/k/v run as one GEMM over the concatenated weights; the loss and every parameter's gradient
+    equal those of the Linears run one by one (forced here by a hook, which also keeps them separate)."""
+    model = tiny_model(n_kv_heads=2, attention_options={"bias": bias}).double().train()
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 9, 32, dtype=torch.double)
+    assert matmuls(lambda: attn(x)) == 2  # qkv and the output projection
+    ids = torch.randint(0, 61, (2, 9))
+    fused_loss = model(ids).logsumexp(-1).mean()
+    fused = torch.autograd.grad(fused_loss, list(model.parameters()))
+    seen = []
+    for block in model.blocks:  # a hook on a Linear: the projections run one by one, the hook sees its call
+        block.attn.q_proj.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    assert matmuls(lambda: attn(x)) == 4
+    separate_loss = model(ids).logsumexp(-1).mean()
+    torch.testing.assert_close(fused_loss, separate_loss, rtol=0, atol=1e-12)
+    for a, b in zip(fused, torch.autograd.grad(separate_loss, list(model.parameters()))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert len(seen) == 1 + len(model.blocks)

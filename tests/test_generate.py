@@ -227,3 +227,74 @@ def save_tiny_tokenizer(directory):
                             trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(directory)
     return directory
+
+
+# -- past model.max_seq_len: the context cropped to its last max_seq_len tokens ------------------------------
+CROP_POSITIONS = ["learned", "sinusoidal", "rope", "alibi"]
+
+
+def _recording_logits(monkeypatch):
+    """Every logits row generate() samples from, in order."""
+    import runner.generate
+    seen, sample = [], runner.generate.sample_next
+    monkeypatch.setattr(runner.generate, "sample_next", lambda logits, *a, **k: (seen.append(logits.clone()), sample(logits, *a, **k))[1])
+    return seen
+
+
+def _eager_decoder(monkeypatch):
+    """generate(compile=True)'s fixed-shape Decoder path, run without torch.compile (the same calls)."""
+    import runner.generate
+    from runner.decode import Decoder
+    monkeypatch.setattr(runner.generate, "Decoder", lambda model, b, n, compile: Decoder(model, b, n, compile=False))
+
+
+@pytest.mark.parametrize("position", CROP_POSITIONS)
+@pytest.mark.parametrize("path", ["cache", "no_cache", "decoder"])
+@pytest.mark.parametrize("prompt_len", [6, 21])  # shorter than max_seq_len, and longer
+def test_cropped_generation_equals_a_fresh_forward_over_the_last_max_seq_len_tokens(monkeypatch, position, path,
+                                                                                      prompt_len):
+    from test_model import POSITIONS
+    model = tiny_model(max_seq_len=16, position=POSITIONS[position], n_kv_heads=2)
+    seen = _recording_logits(monkeypatch)
+    if path == "decoder":
+        _eager_decoder(monkeypatch)
+    prompt = torch.randint(0, 61, (prompt_len,), generator=torch.Generator().manual_seed(5)).tolist()
+    out = generate(model, prompt, max_new_tokens=24, use_cache=path != "no_cache", compile=path == "decoder")[0]
+    assert len(out) == 24 and len(seen) == 24
+    sequence = prompt + out
+    with torch.no_grad():
+        for i, logits in enumerate(seen):  # naive: the whole model over the last 16 tokens, nothing cached
+            context = torch.tensor([sequence[:prompt_len + i][-16:]])
+            torch.testing.assert_close(logits[0], model(context)[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_left_padded_row_crops_as_it_would_alone():
+    model = tiny_model(max_seq_len=16, n_kv_heads=2)
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(1, 61, (n,), generator=g).tolist() for n in (4, 13)]
+    alone = [generate(model, p, max_new_tokens=10)[0] for p in prompts]
+    assert generate(model, prompts, max_new_tokens=10) == alone
+    assert generate(model, prompts, max_new_tokens=10, use_cache=False) == alone
+
+
+def test_prompt_file_is_read_exactly_with_its_leading_newline(tmp_path, hf_tokenizer_dir, capsys):
+    from transformers import AutoTokenizer
+
+    from runner.generate import main
+    text = "\ndef f(x):\n    return x, 'a=b'"  # a leading newline, quotes, a comma, '=': beyond Hydra's grammar
+    (tmp_path / "prompt.txt").write_text(text, encoding="utf-8")
+    cfg = compose(["task=generate", "model=gpt2", "tokenizer=hf", f"tokenizer.name_or_path={hf_tokenizer_dir}",
+                   "data.seq_len=16", "generate.max_new_tokens=20", f"generate.prompt_file={tmp_path / 'prompt.txt'}"])
+    result = main(cfg)
+    assert result["prompts"] == [text]
+    assert result["prompt_ids"] == [AutoTokenizer.from_pretrained(hf_tokenizer_dir)(text)["input_ids"]]
+    assert len(result["tokens"][0]) == 20  # 20 new tokens from a 16-position model: the context was cropped
+    err = capsys.readouterr().err
+    assert "each new token sees only the last 16 tokens" in err
+
+
+def test_a_missing_prompt_file_is_a_config_error(tmp_path):
+    from runner.generate import main
+    with pytest.raises(FileNotFoundError, match=r"generate\.prompt_file=.*nope\.txt is not a file") as err:
+        main(compose(["task=generate", f"generate.prompt_file={tmp_path / 'nope.txt'}", f"cache_dir={tmp_path}"]))
+    assert err.value.config_error

@@ -368,3 +368,26 @@ def test_a_diverged_run_keeps_its_telemetry(tmp_path, cache_dir, monkeypatch):
     assert r["status"] == "failed" and [p["step"] for p in probes] == list(range(1, failed_at + 1))
     assert probes[-1]["loss"] is None and probes[-1]["loss_spike"] >= 1  # non-finite: JSON null, and a spike
     assert all(v is not None for v in probes[0]["attn_max_logit"] + probes[0]["resid_rms"])
+
+
+def test_the_optimizer_is_fused_on_a_cpu_and_steps_as_the_loop_does(monkeypatch):
+    """runner.optim.adamw: the fused kernel on a CPU outside torchrun, the per-parameter loop under it; three
+    steps of each land where torch's reference loop does."""
+    from conftest import tiny_model
+    from runner.optim import adamw, param_groups
+    models = [tiny_model(seed=3).train() for _ in range(3)]
+    optimizers = [adamw(param_groups(models[0], 0.1), lr=1e-2, betas=(0.9, 0.99), device="cpu")]
+    with monkeypatch.context() as m:  # as under torchrun: the loop
+        m.setattr(torch.distributed, "is_initialized", lambda: True)
+        optimizers.append(adamw(param_groups(models[1], 0.1), lr=1e-2, betas=(0.9, 0.99), device="cpu"))
+    optimizers.append(torch.optim.AdamW(param_groups(models[2], 0.1), lr=1e-2, betas=(0.9, 0.99), foreach=False))
+    assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["fused"]
+    ids = torch.randint(0, 61, (2, 12))
+    for model, opt in zip(models, optimizers):
+        for _ in range(3):
+            model(ids).logsumexp(-1).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b, ref in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, ref, rtol=1e-5, atol=1e-6)

@@ -21,9 +21,10 @@ from .scores import SoftCap
 class EagerKernel:
     """Reference: explicit softmax(mods(QK^T / sqrt(d)) + mask) V in float32, K/V heads repeated for GQA.
 
-    Every kernel takes `score_mods`, a tuple of score modifiers (scores.py) applied before the mask."""
+    Every kernel takes `score_mods`, a tuple of score modifiers (scores.py) applied before the mask, and
+    `dropout_p`, dropout on the attention probabilities (GPT-2's attn_dropout; 0 outside training)."""
 
-    def __call__(self, q, k, v, pattern, ctx, scale, score_mods=()):
+    def __call__(self, q, k, v, pattern, ctx, scale, score_mods=(), dropout_p=0.0):
         mask = ctx.cached(("dense", pattern), lambda: ctx.dense(pattern))
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -31,10 +32,11 @@ class EagerKernel:
         if score_mods:
             scores = ctx.modify_scores(scores, score_mods)
         scores = scores.masked_fill(~mask, float("-inf"))
-        return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+        probs = F.dropout(scores.softmax(dim=-1), dropout_p) if dropout_p else scores.softmax(dim=-1)
+        return (probs @ v.float()).to(q.dtype)
 
 
-def sdpa_masked(q, k, v, mask, scale):
+def sdpa_masked(q, k, v, mask, scale, dropout_p=0.0):
     """SDPA with a boolean or additive mask (B or 1, 1 or H, Tq, Tkv) and GQA.
 
     `enable_gqa` with a mask leaves CUDA only the math kernel (flash takes no mask, memory-efficient no GQA),
@@ -43,14 +45,15 @@ def sdpa_masked(q, k, v, mask, scale):
     B, H, T, d = q.shape
     groups = H // k.shape[1]
     if groups == 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
     Hkv = k.shape[1]
     if mask.shape[1] == 1:
         mask = mask.expand(-1, groups, -1, -1)
     else:  # per-query-head bias (ALiBi): head h belongs to key/value head h // groups
         mask = mask.view(mask.shape[0], Hkv, groups, T, mask.shape[-1])
     mask = mask.reshape(mask.shape[0], -1, groups * T, mask.shape[-1])
-    y = F.scaled_dot_product_attention(q.reshape(B, Hkv, groups * T, d), k, v, attn_mask=mask, scale=scale)
+    y = F.scaled_dot_product_attention(q.reshape(B, Hkv, groups * T, d), k, v, attn_mask=mask, scale=scale,
+                                       dropout_p=dropout_p)
     return y.view(B, H, T, d)
 
 
@@ -59,20 +62,21 @@ class SDPAKernel:
     attention takes the `is_causal` fast path; other patterns pass a dense boolean mask, and additive score
     modifiers (ALiBi) a float mask: their bias, -inf where masked, built once per call (see sdpa_masked)."""
 
-    def __call__(self, q, k, v, pattern, ctx, scale, score_mods=()):
+    def __call__(self, q, k, v, pattern, ctx, scale, score_mods=(), dropout_p=0.0):
         if score_mods:
             if not all(mod.additive for mod in score_mods):  # SDPA cannot transform logits (soft-capping)
-                return KERNELS["eager"](q, k, v, pattern, ctx, scale, score_mods)
+                return KERNELS["eager"](q, k, v, pattern, ctx, scale, score_mods, dropout_p)
             bias = ctx.cached(("bias", pattern, score_mods, q.shape[1], q.dtype),
                               lambda: ctx.dense_bias(pattern, score_mods, q.shape[1]).to(q.dtype))
-            return sdpa_masked(q, k, v, bias, scale)
+            return sdpa_masked(q, k, v, bias, scale, dropout_p)
         plain = isinstance(pattern, Causal) and ctx.q_doc is None
         if plain and ctx.q_offset == 0 and ctx.q_len == ctx.kv_len:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True,
+                                                  dropout_p=dropout_p)
         if plain and ctx.q_len == 1 and not ctx.fixed_shape:  # one new token sees the whole cache
-            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True, dropout_p=dropout_p)
         mask = ctx.cached(("dense", pattern), lambda: ctx.dense(pattern))
-        return sdpa_masked(q, k, v, mask, scale)
+        return sdpa_masked(q, k, v, mask, scale, dropout_p)
 
 
 class FlexKernel:
@@ -93,9 +97,11 @@ class FlexKernel:
             cls._compiled = torch.compile(flex_attention)  # dynamic shapes after a first recompile (decode grows kv_len)
         return cls._compiled
 
-    def __call__(self, q, k, v, pattern, ctx, scale, score_mods=()):
+    def __call__(self, q, k, v, pattern, ctx, scale, score_mods=(), dropout_p=0.0):
         if ctx.fixed_shape:  # a compiled decode step: a block mask rebuilt every step would cost more than
             return KERNELS["sdpa"](q, k, v, pattern, ctx, scale, score_mods)  # one dense row of booleans
+        if dropout_p:  # Attention refuses kernel=flex with dropout; this guards a direct call
+            raise ValueError("FlexAttention has no attention dropout: use model.attention.kernel=sdpa or eager")
         if q.device.type == "cpu" and q.requires_grad:
             raise RuntimeError(
                 "FlexAttention has no backward pass on CPU in this torch; train with "
@@ -130,11 +136,13 @@ class AutoKernel:
     kernel."""
 
     @staticmethod
-    def choose(q, pattern, ctx) -> str:
+    def choose(q, pattern, ctx, dropout_p=0.0) -> str:
+        if dropout_p:  # FlexAttention has no dropout on its probabilities
+            return "sdpa"
         return choose_kernel(q.device.type, pattern, ctx.q_len, ctx.kv_len, ctx.q_doc is not None, ctx.fixed_shape)
 
-    def __call__(self, q, k, v, pattern, ctx, scale, score_mods=()):
-        return KERNELS[self.choose(q, pattern, ctx)](q, k, v, pattern, ctx, scale, score_mods)
+    def __call__(self, q, k, v, pattern, ctx, scale, score_mods=(), dropout_p=0.0):
+        return KERNELS[self.choose(q, pattern, ctx, dropout_p)](q, k, v, pattern, ctx, scale, score_mods, dropout_p)
 
 
 KERNELS = {"eager": EagerKernel(), "sdpa": SDPAKernel(), "flex": FlexKernel(), "auto": AutoKernel()}
@@ -160,21 +168,32 @@ def sampled_logits(q, k, pattern, ctx, scale, score_mods=(), rows: int = 4, quer
     return logits, visible.expand(b, 1, len(q_rows), Tkv)
 
 
+def check_dropout(dropout: float, kernel: str) -> None:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"model.dropout={dropout} must be in [0, 1)")
+    if dropout and kernel == "flex":
+        raise ValueError("FlexAttention has no attention dropout: with model.dropout > 0 use "
+                         "model.attention.kernel=sdpa, eager or auto")
+
+
 def attend(module, q, k, v, ctx, scale):
     """Run `module.kernel` on (q, k, v) with its pattern and the call's and its own score modifiers, and
     note in `module.ran` the kernel that ran (what results.json records per layer under kernel=auto).
     A module's `probe`, when set (training telemetry), is shown q and k first: probe(q, k, pattern, ctx, scale,
-    score_mods); it reads them without changing them, whichever kernel then runs."""
+    score_mods); it reads them without changing them, whichever kernel then runs. A module's `dropout`
+    (attention-probability dropout) applies in training only."""
     kernel = KERNELS[module.kernel]
+    dropout_p = getattr(module, "dropout", 0.0) if module.training else 0.0
+    dropout_p = dropout_p if isinstance(dropout_p, (int, float)) else 0.0  # a user's part may hold an nn.Dropout there
     # One dtype for every kernel: under autocast the projections give bf16 but RoPE's float32 tables or
     # QK-norm's float32 weights can promote q and k (flex_attention on torch <= 2.10 rejects mixed dtypes).
     q, k = q.to(v.dtype), k.to(v.dtype)
     if not torch.compiler.is_compiling():  # an attribute write inside a compiled step would re-trace it
-        module.ran = kernel.choose(q, module.pattern, ctx) if isinstance(kernel, AutoKernel) else module.kernel
+        module.ran = kernel.choose(q, module.pattern, ctx, dropout_p) if isinstance(kernel, AutoKernel) else module.kernel
     score_mods = ctx.score_mods + module.score_mods
     if getattr(module, "probe", None) is not None:
         module.probe(q, k, module.pattern, ctx, scale, score_mods)
-    return kernel(q, k, v, module.pattern, ctx, scale, score_mods)
+    return kernel(q, k, v, module.pattern, ctx, scale, score_mods, dropout_p)
 
 
 class Attention(FusedProjections, nn.Module):
@@ -194,7 +213,8 @@ class Attention(FusedProjections, nn.Module):
             module's score modifiers (ALiBi) and before the mask.
         qk_norm: RMSNorm over head_dim on every query and key head before RoPE (OLMo 2, Gemma 3), so the
             logits cannot grow with the weights.
-
+        dropout: dropout on the attention probabilities in training (GPT-2's attn_dropout; SDPA's dropout_p,
+            the eager kernel's F.dropout; FlexAttention has none, so kernel=flex refuses it and auto takes SDPA).
     `probe`: None, or a callable that `attend` shows each call's q and k (training telemetry sets it).
     """
 
@@ -204,8 +224,9 @@ class Attention(FusedProjections, nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
                  kernel: str = "auto", window: int | None = None, pattern=None, bias: bool = False,
-                 softcap: float | None = None, qk_norm: bool = False):
+                 softcap: float | None = None, qk_norm: bool = False, dropout: float = 0.0):
         super().__init__()
+        check_dropout(dropout, kernel)
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if n_heads < 1 or n_kv_heads < 1:
             raise ValueError(f"model.n_heads={n_heads} and model.attention.n_kv_heads={n_kv_heads} must be >= 1")
@@ -223,7 +244,7 @@ class Attention(FusedProjections, nn.Module):
             raise ValueError("set either model.attention.window or a per-layer attention schedule, not both")
         self.pattern = pattern if pattern is not None else (SlidingWindow(window) if window is not None else Causal())
         self.n_heads, self.n_kv_heads, self.head_dim, self.kernel = n_heads, n_kv_heads, head_dim, kernel
-        self.ran = None
+        self.ran, self.dropout = None, dropout
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)

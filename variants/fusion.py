@@ -11,10 +11,14 @@ with its own launch and tail), fused they are one read of one contiguous weight.
 
 `fuse_projections()` (TransformerLM.fuse_projections() calls it on every part that has it) concatenates each
 group's weights into one buffer and points the Linears' weights at slices of it: the same Parameter objects,
-the same state_dict, the same memory; training and optimizers see nothing change. The fused GEMM runs in
-eval mode only (training keeps the per-Linear kernels autograd knows best), and only while the Linears still
-share the buffer's storage: a dtype or device move re-fuses (`_apply`), anything else that replaces a weight
-makes `project` fall back to the separate Linears.
+the same state_dict, the same memory; training and optimizers see nothing change. The fused buffer is read in
+eval mode only, and only while the Linears still share the buffer's storage: a dtype or device move re-fuses
+(`_apply`), anything else that replaces a weight makes `project` fall back to the separate Linears.
+
+In training a group runs as one GEMM too, over its weights concatenated afresh each call (nanoGPT's c_attn):
+one matmul forward and two backward instead of one and two per projection, and one gradient for the shared
+input instead of a sum of three; the concatenation is a copy of the weights, small beside the matmuls.
+Linears with hooks (telemetry, a user's wrapper) or sharded weights run one by one, as they are.
 """
 import torch
 import torch.nn.functional as F
@@ -56,7 +60,12 @@ class FusedProjections:
         if weight is not None and not self.training and self._shares(name, weight):
             out = F.linear(x, weight, getattr(self, f"fused_{name}_bias"))
             return out.split([getattr(self, p).out_features for p in parts], dim=-1)
-        return tuple(getattr(self, p)(x) for p in parts)
+        linears = [getattr(self, p) for p in parts]
+        if self.training and _concatenable(linears):
+            weight = torch.cat([m.weight for m in linears])
+            bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+            return F.linear(x, weight, bias).split([m.out_features for m in linears], dim=-1)
+        return tuple(m(x) for m in linears)
 
     def _shares(self, name: str, weight: torch.Tensor) -> bool:
         first = getattr(self, self.fusable_projections[name][0]).weight
@@ -71,3 +80,17 @@ class FusedProjections:
         if any(getattr(self, f"fused_{name}_weight", None) is not None for name in self.fusable_projections):
             self.fuse_projections()
         return out
+
+
+def _concatenable(linears) -> bool:
+    """Plain Linears without hooks, on one dtype and device, all with or all without a bias, plain tensors."""
+    first = linears[0].weight
+    return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks)
+               and m.weight.dtype == first.dtype and m.weight.device == first.device
+               and (m.bias is None) == (linears[0].bias is None) and type(m.weight.data) is torch.Tensor
+               for m in linears) and not _global_module_hooks()
+
+
+def _global_module_hooks() -> bool:
+    from torch.nn.modules import module as module_mod
+    return bool(module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)

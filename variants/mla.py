@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from .attention import KERNELS, attend
+from .attention import KERNELS, attend, check_dropout
 from .masks import AttentionContext, Causal, SlidingWindow
 from .position import apply_rotary
 from .scores import SoftCap
@@ -30,7 +30,7 @@ class MultiHeadLatentAttention(nn.Module):
             position module's rotary width (RoPE's head_dim x partial_rotary_factor).
         n_kv_heads: unused (every head has its own keys, expanded from the latent); accepted so that the
             attention yamls share their keys.
-        kernel, window, pattern, softcap: as for Attention.
+        kernel, window, pattern, softcap, dropout: as for Attention.
     `probe`: as for Attention (training telemetry).
     """
 
@@ -39,8 +39,9 @@ class MultiHeadLatentAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, kv_lora_rank: int = 32,
                  rope_head_dim: int | None = None, n_kv_heads: int | None = None, kernel: str = "auto",
                  window: int | None = None, pattern=None, bias: bool = False, softcap: float | None = None,
-                 qk_norm: bool = False):
+                 qk_norm: bool = False, dropout: float = 0.0):
         super().__init__()
+        check_dropout(dropout, kernel)
         head_dim = head_dim or d_model // n_heads
         rope_head_dim = rope_head_dim or head_dim
         if kv_lora_rank < 1 or rope_head_dim % 2:
@@ -56,7 +57,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.n_heads, self.head_dim, self.rope_head_dim = n_heads, head_dim, rope_head_dim
         self.kv_lora_rank = kv_lora_rank
         self.n_kv_heads, self.kernel = n_heads, kernel  # every head's keys are distinct (what the cache holds is not)
-        self.ran = None
+        self.ran, self.dropout = None, dropout  # dropout on the attention probabilities, as Attention's
         self.q_proj = nn.Linear(d_model, n_heads * (head_dim + rope_head_dim), bias=bias)
         self.kv_down = nn.Linear(d_model, kv_lora_rank, bias=bias)  # W_dkv
         self.kv_norm = nn.RMSNorm(kv_lora_rank, eps=1e-6)

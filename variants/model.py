@@ -6,6 +6,7 @@
 Every part arrives as a factory (a class or a `functools.partial`, which is what Hydra's `_partial_: true`
 produces) and the model hands it the shared sizes, so a user's own class plugs in through config.
 """
+import inspect
 import math
 
 import torch
@@ -44,6 +45,10 @@ class TransformerLM(nn.Module):
             multiplier, and the lr multipliers `parameter_roles()` hands the optimizer.
         base_width: the d_model the lr was tuned at (µP's width multiplier is d_model / base_width); None:
             d_model itself.
+        dropout: GPT-2's three dropouts, in training only: on the embeddings (after positions are added), on the
+            attention probabilities (handed to the attention factory as `dropout=`, only when > 0, so a user's
+            own attention without that argument still builds at 0) and on each sublayer's output before the
+            residual add (the block's). 0 leaves the forward untouched.
 
     The runner uses only this public face (so a user's own block or attention class works with bench,
     inspect, generate and FSDP): `blocks` (the repeated layers), `attention_modules()`, `n_heads`,
@@ -56,7 +61,8 @@ class TransformerLM(nn.Module):
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int, max_seq_len: int,
                  attention=Attention, ffn=GatedMLP, norm=nn.RMSNorm, position=RoPE, norm_position: str = "pre",
                  tie_embeddings: bool = False, attention_schedule=None, head_dim: int | None = None,
-                 init_std: float = 0.02, parametrization: str = "sp", base_width: int | None = None):
+                 init_std: float = 0.02, parametrization: str = "sp", base_width: int | None = None,
+                 dropout: float = 0.0):
         super().__init__()
         check_parametrization(parametrization, base_width)
         for key, value in [("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
@@ -75,6 +81,8 @@ class TransformerLM(nn.Module):
         self.parametrization = parametrization
         self.width_mult = d_model / (base_width or d_model) if parametrization == "mup" else 1.0
         self.output_mult = 1 / self.width_mult  # µP's logits multiplier (1 under SP)
+        self.dropout = dropout
+        attn_dropout = _dropout_argument(attention, dropout)
 
         self.embed = nn.Embedding(vocab_size, d_model)
         self.position = position(d_model=d_model, head_dim=self.head_dim, max_seq_len=max_seq_len)
@@ -84,8 +92,8 @@ class TransformerLM(nn.Module):
         blocks = []
         for i in range(n_layers):
             pattern = {} if attention_schedule is None else {"pattern": attention_schedule[i % len(attention_schedule)]}
-            attn = attention(d_model=d_model, n_heads=n_heads, head_dim=self.head_dim, **pattern)
-            blocks.append(block_cls(attn, ffn(d_model), norm(d_model), norm(d_model)))
+            attn = attention(d_model=d_model, n_heads=n_heads, head_dim=self.head_dim, **pattern, **attn_dropout)
+            blocks.append(block_cls(attn, ffn(d_model), norm(d_model), norm(d_model), dropout=dropout))
         self.blocks = nn.ModuleList(blocks)
         self.norm = norm(d_model) if block_cls.needs_final_norm else nn.Identity()
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
@@ -248,6 +256,8 @@ class TransformerLM(nn.Module):
 
         x = self.embed(input_ids)
         x, rotary = self.position(x, position_ids)
+        if self.dropout and self.training:  # GPT-2's embedding dropout
+            x = F.dropout(x, self.dropout)
         for i, block in enumerate(self.blocks):
             x = block(x, rotary, ctx, cache.layer(i) if cache is not None else None)
         x = self._scale_output(self.norm(x))
@@ -276,3 +286,18 @@ class TransformerLM(nn.Module):
         """Mean cross-entropy over targets != -100 (masked document boundaries and padding)."""
         logits = self(input_ids, position_ids=position_ids, document_ids=document_ids)
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+
+
+def _dropout_argument(attention, dropout: float) -> dict:
+    """{"dropout": p} for the attention factory when p > 0, {} at 0 (a user's own attention need not take it)."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"model.dropout={dropout} must be in [0, 1)")
+    if not dropout:
+        return {}
+    try:
+        params = inspect.signature(attention).parameters
+    except (TypeError, ValueError):  # no signature to read: let the call decide
+        return {"dropout": dropout}
+    if "dropout" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise ValueError(f"model.dropout={dropout}: the attention factory {attention!r} takes no `dropout` argument")
+    return {"dropout": dropout}

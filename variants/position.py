@@ -50,6 +50,8 @@ class LearnedPosition(nn.Module):
         self.embedding = nn.Embedding(max_seq_len, d_model)
 
     def forward(self, x, position_ids):
+        if position_ids.dim() == 2 and position_ids.shape[0] > 1 and position_ids.stride(0) == 0:
+            position_ids = position_ids[:1]  # one row broadcast over the batch (the model's arange): look it up once
         check_positions(position_ids, self.max_seq_len)
         return x + self.embedding(position_ids), None
 

@@ -103,7 +103,7 @@ def measure_train(model, batch_size: int, seq_len: int, device, autocast, timer,
     `train_step`, when given, is the caller's own step (a callable with no arguments) and is timed instead."""
     was_training = model.training
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=0.0, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=0.0, fused=device.type in ("cuda", "cpu"))  # as the Trainer (runner.train.adamw)
     ids = random_ids(model.vocab_size, batch_size, seq_len + 1, device)
     x, y = ids[:, :-1], ids[:, 1:]  # (B, T) inputs and next-token targets
 
