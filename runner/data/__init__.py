@@ -108,20 +108,11 @@ def build_data(cfg, cache_dir=None, rebuild: bool | None = None, num_proc: int |
     splits = {s: TokenSplit(*arrays[s], d.seq_len, d.packing, tokenizer.pad_id) for s in SPLITS}
     seconds = time.perf_counter() - started
 
-    info = {s: split_info(splits[s], d.seq_len) for s in SPLITS}
-    tokens = info["train"]["tokens"] + info["val"]["tokens"]
     on_disk = disk_bytes(meta)
+    split_stats = splits_stats(splits, d, tokenizer, tok_info)
+    tokens = sum(split_stats["tokens"].values())
     stats = {
-        "corpus": corpus.name, **corpus.meta, "fingerprint": corpus.fingerprint,
-        "tokenizer": {**tok_info, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
-                      "fingerprint": tokenizer.fingerprint},
-        "seq_len": d.seq_len, "packing": d.packing,
-        "documents": {s: info[s]["documents"] for s in SPLITS},
-        "tokens": {s: info[s]["tokens"] for s in SPLITS},
-        "rows": {s: len(splits[s]) for s in SPLITS},
-        "packing_efficiency": info["train"]["packing_efficiency_by_mode"][d.packing],
-        "packing_efficiency_by_mode": {m: {s: info[s]["packing_efficiency_by_mode"][m] for s in SPLITS}
-                                       for m in PACKING_MODES},
+        "corpus": corpus.name, **corpus.meta, "fingerprint": corpus.fingerprint, **split_stats,
         "token_dtype": meta["dtype"], "num_proc": meta["num_proc"], "shards": {s: len(arrays[s][0]) for s in SPLITS},
         "disk_bytes": on_disk, "bytes_per_token": sum(on_disk.values()) / max(1, tokens),
         "cached": hit is not None,
@@ -154,6 +145,23 @@ def write_entry(path: Path, corpus, tokenizer: Tokenizer, d, num_proc: int) -> N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def splits_stats(splits: dict, d, tokenizer: Tokenizer, tok_info: dict) -> dict:
+    """What data.stats says of the packed splits, whatever the source: tokenizer, documents, tokens, rows and
+    packing efficiency (the configured mode's, and each mode's from the document lengths)."""
+    info = {s: split_info(splits[s], d.seq_len) for s in SPLITS}
+    return {
+        "tokenizer": {**tok_info, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
+                      "fingerprint": tokenizer.fingerprint},
+        "seq_len": d.seq_len, "packing": d.packing,
+        "documents": {s: info[s]["documents"] for s in SPLITS},
+        "tokens": {s: info[s]["tokens"] for s in SPLITS},
+        "rows": {s: len(splits[s]) for s in SPLITS},
+        "packing_efficiency": info["train"]["packing_efficiency_by_mode"][d.packing],
+        "packing_efficiency_by_mode": {m: {s: info[s]["packing_efficiency_by_mode"][m] for s in SPLITS}
+                                       for m in PACKING_MODES},
+    }
 
 
 def split_info(split: TokenSplit, seq_len: int) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from runner.data.corpus import local_files
-from runner.data.packing import PACKING_MODES, TokenSplit
+from runner.data.packing import TokenSplit
 from runner.data.store import SPLITS
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def split_files(d) -> dict[str, list[str]]:
 
 def build_tokenized_data(cfg, cache_dir: Path):
     """The Data of a pre-tokenized corpus: the tokenizer from config, both splits memory-mapped."""
-    from runner.data import Data, build_tokenizer, split_info  # here: runner.data imports this module lazily
+    from runner.data import Data, build_tokenizer, splits_stats  # here: runner.data imports this module lazily
     from runner.task import config_checks
 
     started = time.perf_counter()
@@ -83,21 +83,12 @@ def build_tokenized_data(cfg, cache_dir: Path):
             raise ValueError(f"data.paths={files['train'][:3]} hold no token")
     splits = {s: TokenSplit(*arrays[s], d.seq_len, d.packing, tokenizer.pad_id) for s in SPLITS}
     seconds = time.perf_counter() - started
-    info = {s: split_info(splits[s], d.seq_len) for s in SPLITS}
     on_disk = {s: sum(os.path.getsize(f) for f in files[s]) for s in SPLITS}
-    tokens = info["train"]["tokens"] + info["val"]["tokens"]
+    split_stats = splits_stats(splits, d, tokenizer, tok_info)
+    tokens = sum(split_stats["tokens"].values())
     stats = {
         "corpus": d.name, "source": "tokenized", "format": d.format, "files": files,
-        "fingerprint": fingerprint.hexdigest()[:16], "separator_id": separator,
-        "tokenizer": {**tok_info, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
-                      "fingerprint": tokenizer.fingerprint},
-        "seq_len": d.seq_len, "packing": d.packing,
-        "documents": {s: info[s]["documents"] for s in SPLITS},
-        "tokens": {s: info[s]["tokens"] for s in SPLITS},
-        "rows": {s: len(splits[s]) for s in SPLITS},
-        "packing_efficiency": info["train"]["packing_efficiency_by_mode"][d.packing],
-        "packing_efficiency_by_mode": {m: {s: info[s]["packing_efficiency_by_mode"][m] for s in SPLITS}
-                                       for m in PACKING_MODES},
+        "fingerprint": fingerprint.hexdigest()[:16], "separator_id": separator, **split_stats,
         "token_dtype": arrays["train"][0][0].dtype.name, "shards": {s: len(arrays[s][0]) for s in SPLITS},
         "disk_bytes": on_disk, "bytes_per_token": sum(on_disk.values()) / max(1, tokens), "cached": True,
         "seconds": {"total": seconds}, "build_seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9),
