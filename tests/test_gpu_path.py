@@ -252,7 +252,7 @@ def test_one_token_with_a_cache_takes_plain_sdpa_in_eager_decoding(monkeypatch):
     contexts = []
     original = attention_module.AutoKernel.choose
     monkeypatch.setattr(attention_module.AutoKernel, "choose",
-                        staticmethod(lambda q, p, ctx: contexts.append(ctx) or original(q, p, ctx)))
+                        staticmethod(lambda q, p, ctx, *rest: contexts.append(ctx) or original(q, p, ctx, *rest)))
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]), cache=cache)
         model(torch.tensor([[4]]), cache=cache)
