@@ -139,12 +139,18 @@ def assert_clean(dom, console):
     assert console == [], f"console output: {console}"
 
 
-def test_report_renders_in_chromium(tmp_path):
-    fixture_sweep(tmp_path)
+def render_fixture(tmp_path):
+    """The report over the runs a fixture wrote under tmp_path/outputs, opened in the browser:
+    (runs, report.html, dom, console messages, page height)."""
     runs = gather([tmp_path / "outputs"])
     write_report(build_report(runs, ["outputs"]), tmp_path / "report", png=False)
     html = tmp_path / "report" / "report.html"
-    dom, console, height = open_report(html, tmp_path)
+    return (runs, html, *open_report(html, tmp_path))
+
+
+def test_report_renders_in_chromium(tmp_path):
+    fixture_sweep(tmp_path)
+    runs, html, dom, console, height = render_fixture(tmp_path)
     assert_clean(dom, console)
     assert charts(dom) == {"curves:val": "true", "curves:train": "true", "pareto:": "true",
                            "bars:peak_memory_bytes": "true", "bars:kv_cache_bytes_per_token": "true",
@@ -181,10 +187,7 @@ def test_layout_with_a_run_left_out(tmp_path):
     """A long run of another budget (another sweep) stays in the runs table, out of every chart: the curves span
     the compared runs' tokens only, and the layout holds at 1280 and 1920 px (issue 26)."""
     fixture_with_long_run(tmp_path)
-    runs = gather([tmp_path / "outputs"])
-    write_report(build_report(runs, ["outputs"]), tmp_path / "report", png=False)
-    html = tmp_path / "report" / "report.html"
-    dom, console, height = open_report(html, tmp_path)
+    runs, html, dom, console, height = render_fixture(tmp_path)
     assert_clean(dom, console)
     compared = [r for r in runs if r["left_out"] is None]
     assert len(compared) == len(runs) - 1
