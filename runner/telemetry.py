@@ -66,6 +66,12 @@ class Off:
     def read_into(self, curves, results, logger) -> float:
         return 0.0
 
+    def state_dict(self):
+        return None
+
+    def load_state_dict(self, state):
+        pass
+
 
 class Telemetry:
     def __init__(self, model, optimizer, every: int, rows: int = 4, queries: int = 64, spike_window: int = 100,
@@ -180,6 +186,20 @@ class Telemetry:
                 by_step[step].update(loss_spike=self.spikes["loss"], grad_norm_spike=self.spikes["grad_norm"])
                 self.spikes = {"loss": 0, "grad_norm": 0}
         return [self._json_point(p) for p in points]
+
+    def state_dict(self) -> dict:
+        """The spike windows and the counts since the last point, for a checkpoint (after read(): every
+        recorded step is in them), so that a resumed run counts spikes as the uninterrupted one does."""
+        return {"windows": {name: list(w) for name, w in self.windows.items()}, "spikes": dict(self.spikes)}
+
+    def load_state_dict(self, state: dict | None):
+        """A checkpoint's state_dict(); None (saved without telemetry) starts empty windows."""
+        if state is None:
+            return
+        for name, values in state["windows"].items():
+            self.windows[name].clear()
+            self.windows[name].extend(values)  # a deque keeps its maxlen: a smaller spike_window keeps the newest
+        self.spikes = dict(state["spikes"])
 
     def _spike(self, name: str, value: float) -> bool:
         """More than sigma standard deviations above the window's mean (once it holds 10 steps), or not finite."""

@@ -187,6 +187,7 @@ class Trainer:
         self.step, self.curves = ckpt["step"], ckpt["curves"]
         self.train_seconds = ckpt.get("train_seconds", 0.0)
         self.window.update(ckpt.get("log_window", {}))
+        self.telemetry.load_state_dict(ckpt.get("telemetry"))  # the spike windows go on where they were
         if dist.is_main:
             log.info(f"resumed from {ckpt_path} at step {self.step}")
         self.results.update(resumed_from=str(ckpt_path))
@@ -300,10 +301,14 @@ class Trainer:
         if t.checkpoint_every and step % t.checkpoint_every == 0:
             self.checkpoint()
 
-    def log_train_point(self, grad_norm, bar):
-        waited = self.telemetry.read_into(self.curves, self.results, self.logger)  # first: a diverged run keeps it
+    def read_telemetry(self):
+        """The telemetry points since the last read into the curves and results.json (runner/telemetry.py)."""
+        waited = self.telemetry.read_into(self.curves, self.results, self.logger)
         self.window["time"] += waited  # the device finishing the window's steps: training time, as in read_losses
         self.train_seconds += waited
+
+    def log_train_point(self, grad_norm, bar):
+        self.read_telemetry()  # first: a diverged run keeps it
         self.read_losses()  # waits for the device: the window's last steps end here
         w = self.window
         tok_s = self.tokens_per_step * w["steps"] / max(w["time"], 1e-9)
@@ -342,13 +347,15 @@ class Trainer:
         return metrics
 
     def checkpoint(self):
+        self.read_telemetry()  # the spike windows saved below hold every step up to this one
         self.read_losses()  # a non-finite loss stops the run before its weights are saved
         model_state, optimizer_state = distributed.full_state_dicts(self.model, self.optimizer)  # every rank
         if not self.dist.is_main:
             return None
         state = {"model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                  "loader": self.loaders[0].state_dict(), "rng": rng_state(), "step": self.step, "curves": self.curves,
-                 "log_window": dict(self.window), "overrides": task_overrides(), "train_seconds": self.train_seconds}
+                 "log_window": dict(self.window), "overrides": task_overrides(), "train_seconds": self.train_seconds,
+                 "telemetry": self.telemetry.state_dict()}
         return save_checkpoint(self.out_dir, self.step, state)
 
     # -- wrap-up ----------------------------------------------------------------------------------------------

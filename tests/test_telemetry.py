@@ -146,6 +146,33 @@ def test_spikes_are_counted_above_k_sigma_of_the_window_and_at_non_finite_steps(
     assert [p["grad_norm_spike"] for p in points] == [0, 0, 0, 0]
 
 
+def _noisy_steps(probe, steps, spikes=(15,)):
+    noise = torch.Generator().manual_seed(0)
+    for step in range(1, max(steps) + 1):
+        loss = 2.0 + 0.01 * torch.randn((), generator=noise) + (1.0 if step in spikes else 0.0)
+        grad_norm = torch.tensor(1.0) + 0.01 * torch.randn((), generator=noise)
+        if step in steps:
+            probe.arm(step)
+            probe.record(step, loss, grad_norm)
+
+
+def test_a_resumed_probe_counts_spikes_as_the_uninterrupted_one_does(tmp_path):
+    options = {"every": 10, "spike_window": 20, "spike_sigma": 6.0}
+    full = telemetry.build(options, tiny_model(), torch.optim.AdamW(tiny_model().parameters()), 10)
+    _noisy_steps(full, range(1, 31))
+    expected = full.read()
+    assert [p["loss_spike"] for p in expected] == [0, 1, 0]
+    first = telemetry.build(options, tiny_model(), torch.optim.AdamW(tiny_model().parameters()), 10)
+    _noisy_steps(first, range(1, 13))  # stopped after step 12's checkpoint
+    points = first.read()
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    resumed = telemetry.build(options, tiny_model(), torch.optim.AdamW(tiny_model().parameters()), 10)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt"))
+    _noisy_steps(resumed, range(13, 31))  # step 15's spike needs the 14 steps before it in the window
+    assert [p["loss_spike"] for p in points + resumed.read()] == [0, 1, 0]
+    assert resumed.state_dict() == full.state_dict()
+
+
 def test_wandb_fields_are_grouped_per_layer():
     fields = telemetry.wandb_fields({"step": 3, "attn_max_logit": [1.0, 2.0], "z_mean": 4.0,
                                      "grad_norm_by_group": {"0": 0.5}, "logits_max": None})

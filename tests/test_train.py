@@ -79,6 +79,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, cache_dir):
     assert [p["step"] for p in full["train"]] == [2, 4, 6]
     assert strip_timing(resumed["curves"]["train"]) == strip_timing(full["train"])  # bit-for-bit on CPU
     assert resumed["curves"]["val"] == full["val"]
+    assert resumed["curves"]["telemetry"] == full["telemetry"]  # spike windows included
 
 
 def strip_timing(points):
