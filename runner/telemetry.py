@@ -14,8 +14,10 @@ and the optimizer step records each parameter group's gradient norm (before clip
 ||w_after - w_before|| / ||w_after||. Every step adds its loss and gradient norm for the spike counts: a step is
 a spike when its value is more than `spike_sigma` standard deviations above the mean of the `spike_window` steps
 before it (as OLMo-core scores them), or not finite. Nothing reaches the host until `read_into`, at a log step:
-one transfer. The hooks stay installed and return at once between telemetry steps (a compiled step keeps one
-graph for each case); with telemetry off (`build` returns Off) there are none.
+one transfer. The hooks stay installed and return at once between telemetry steps; the forward's write in place
+into the same slot tensors at every telemetry step, so a compiled step keeps two graphs (armed, not armed) and
+never recompiles for a new step. With telemetry off (`build` returns Off) there are no hooks. With gradient
+accumulation the step's last micro-batch speaks for the forward's statistics.
 Under FSDP the per-group norms are of this rank's shards.
 """
 import math
@@ -28,6 +30,7 @@ import torch
 from variants.attention import sampled_logits
 
 KEYS = ("every", "rows", "queries", "spike_window", "spike_sigma")
+LAYER_KEYS = ("attn_max_logit", "attn_entropy", "resid_rms")
 
 
 def settings(setting, log_every: int) -> dict | None:
@@ -80,6 +83,9 @@ class Telemetry:
         self.n_layers, self.device = len(model.blocks), next(model.parameters()).device
         self.groups = [str(g.get("name", i)) for i, g in enumerate(optimizer.param_groups)]
         self.armed, self.current, self.points, self.steps, self.before = False, None, [], [], None
+        # what the forward records, written in place (NaN, read as null: not recorded this step)
+        self.slots = {key: torch.full((self.n_layers,), math.nan, device=self.device) for key in LAYER_KEYS}
+        self.slots["logits"] = torch.full((4,), math.nan, device=self.device)  # mean, std, max, z mean
         self.windows = {"loss": deque(maxlen=spike_window), "grad_norm": deque(maxlen=spike_window)}
         self.spikes = {"loss": 0, "grad_norm": 0}  # since the last point
         for i, attn in enumerate(model.attention_modules()):
@@ -96,41 +102,36 @@ class Telemetry:
         """Before optimizer step `step` (1-based): record during it if it is a telemetry step."""
         self.armed = step % self.every == 0
         if self.armed:
-            per_layer = {key: [None] * self.n_layers for key in ("attn_max_logit", "attn_entropy", "resid_rms")}
-            self.current = {"step": step, **per_layer}
+            for slot in self.slots.values():
+                slot.fill_(math.nan)
+            self.current = {"step": step}
             self.points.append(self.current)
-
-    def _fresh(self, key, layer=None) -> bool:
-        """Armed, and nothing recorded yet under key (the first micro-batch of a step speaks for it)."""
-        if not self.armed:
-            return False
-        return self.current[key][layer] is None if layer is not None else key not in self.current
 
     @torch.no_grad()
     def _attention(self, layer, q, k, pattern, ctx, scale, score_mods):
-        if self._fresh("attn_max_logit", layer):
+        if self.armed:
             logits, visible = sampled_logits(q, k, pattern, ctx, scale, score_mods, self.rows, self.queries)
             max_logit, entropy = attention_stats(logits, visible)
-            self.current["attn_max_logit"][layer] = max_logit.amax()
-            self.current["attn_entropy"][layer] = entropy.mean()
+            self.slots["attn_max_logit"][layer].copy_(max_logit.amax())
+            self.slots["attn_entropy"][layer].copy_(entropy.mean())
 
     @torch.no_grad()
     def _residual(self, layer, module, args, output):
-        if self._fresh("resid_rms", layer) and isinstance(output, torch.Tensor):
-            self.current["resid_rms"][layer] = output.detach().float().square().mean().sqrt()
+        if self.armed and isinstance(output, torch.Tensor):
+            self.slots["resid_rms"][layer].copy_(output.detach().float().square().mean().sqrt())
 
     @torch.no_grad()
     def _logits(self, lm_head, module, args, hidden):
-        if self._fresh("logits"):
+        if self.armed:
             B, T, _ = hidden.shape
             rows = torch.linspace(0, T - 1, min(T, self.queries), device=hidden.device).round().long()
             logits = lm_head(hidden[:self.rows, rows].detach()).float()  # (b, n, V)
-            self.current["logits"] = torch.stack([logits.mean(), logits.std(), logits.amax(),
-                                                  logits.logsumexp(dim=-1).mean()])
+            self.slots["logits"].copy_(torch.stack([logits.mean(), logits.std(), logits.amax(),
+                                                    logits.logsumexp(dim=-1).mean()]))
 
     @torch.no_grad()
     def _before_update(self, optimizer, args, kwargs):
-        if self._fresh("group_grad"):  # after clipping: record() rescales to the norms before it
+        if self.armed and "group_grad" not in self.current:  # after clipping: record() rescales to the norms before it
             self.current["group_grad"] = torch.stack([_norm([p.grad for p in g["params"] if p.grad is not None],
                                                             self.device)
                                                       for g in optimizer.param_groups])
@@ -150,6 +151,7 @@ class Telemetry:
         """After optimizer step `step`: its loss and gradient norm (before clipping), for the spike counts."""
         self.steps.append((step, torch.stack([loss.detach().float(), grad_norm.detach().float()])))
         if self.armed:
+            self.current.update({key: slot.clone() for key, slot in self.slots.items()})  # device copies, no sync
             self.current.update(loss=loss.detach(), grad_norm=grad_norm.detach())
             if "group_grad" in self.current:  # clipping scaled every group alike: undo it
                 clipped = self.current["group_grad"]

@@ -2,7 +2,6 @@
 entropy against an explicit per-query softmax for every kernel, mask and score modifier; the spike counts
 against a series with known spikes; telemetry off installs nothing."""
 import math
-from functools import partial
 
 import pytest
 import torch
@@ -81,15 +80,18 @@ def test_a_bounded_sample_of_queries_is_probed():
     assert visible[0, 0].sum(-1).tolist() == [1, 5, 8, 12]  # queries 0, 4, 7, 11 (evenly spaced), causal
 
 
-def _trained_telemetry(kernel="sdpa", **options):
+def _trained_telemetry(kernel="sdpa", steps=(1, 2), wrap=None, **options):
+    """Telemetry of a few AdamW steps of a 3-layer model; `wrap(model)` (torch.compile) runs the forward."""
     torch.manual_seed(0)
     model = tiny_model(kernel=kernel, n_layers=3).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     probe = telemetry.build(options or True, model, optimizer, log_every=1)
+    forward = wrap(model) if wrap else model
     ids = torch.randint(0, model.vocab_size, (2, 16))
-    for step in (1, 2):
+    for step in steps:
         probe.arm(step)
-        loss = model.loss(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+        logits = forward(ids[:, :-1].contiguous())
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # clipped: record() undoes it
         optimizer.step()
@@ -111,6 +113,30 @@ def test_a_telemetry_point_holds_every_layer_and_the_step_norms():
     assert p["grad_norm"] > 1e-2  # far above the clipping threshold: the norms are those before it
     assert all(0 < r < 1 for r in p["update_ratio_by_group"].values())
     assert p["z_mean"] > p["logits_max"] - 1e-6 and p["logits_std"] > 0  # logsumexp >= max
+
+
+def test_a_compiled_forward_records_the_same_telemetry_without_recompiling():
+    """Under torch.compile the probes are traced into the graph: one graph on a telemetry step, one between them,
+    none more however many telemetry steps follow (the slots are written in place; no guard sees the step), and
+    the recorded values are the eager run's."""
+    import torch._dynamo
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    steps = range(1, 9)
+    _, eager = _trained_telemetry(steps=steps, every=2)
+    _, compiled = _trained_telemetry(steps=steps, every=2, wrap=lambda m: torch.compile(m, backend=counting_backend))
+    torch._dynamo.reset()
+    assert len(graphs) == 2  # steps 1 (not armed) and 2 (armed); steps 3-8 reuse them
+    assert [p["step"] for p in compiled] == [2, 4, 6, 8]
+    for e, c in zip(eager, compiled):
+        for key in ("attn_max_logit", "attn_entropy", "resid_rms"):
+            assert c[key] == pytest.approx(e[key], rel=1e-4, abs=1e-5)
+        assert c["z_mean"] == pytest.approx(e["z_mean"], rel=1e-5) and c["loss"] == pytest.approx(e["loss"], rel=1e-5)
 
 
 def test_telemetry_off_installs_nothing():

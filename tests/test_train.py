@@ -353,6 +353,23 @@ def test_telemetry_leaves_the_loss_curve_bit_identical(tmp_path, cache_dir, monk
     assert curves["off"][:2] == curves["default"][:2] == curves["every"][:2]
 
 
+@pytest.mark.slow
+def test_inductor_compiled_training_records_the_eager_runs_telemetry(tmp_path, cache_dir):
+    """train.compile=true (inductor on a CPU) with telemetry every other step: no graph break, one recompile (the
+    armed step), and the same telemetry as the uncompiled run to float tolerance."""
+    common = ["train.max_steps=8", "train.log_every=4", "train.eval_every=0", "train.telemetry.every=2"]
+    run(["hydra.run.dir=eager", *common], tmp_path, cache_dir)
+    out = run(["hydra.run.dir=compiled", "train.compile=true", *common], tmp_path, cache_dir,
+              env={"TORCH_LOGS": "graph_breaks,recompiles"})
+    logs = out.stdout + out.stderr
+    assert "graph break" not in logs.lower() and logs.count("Recompiling function forward") == 1
+    eager, compiled = (results(tmp_path / name)["curves"]["telemetry"] for name in ("eager", "compiled"))
+    assert [p["step"] for p in compiled] == [2, 4, 6, 8]
+    for e, c in zip(eager, compiled):
+        for key in ("attn_max_logit", "attn_entropy", "resid_rms", "z_mean", "loss"):
+            assert c[key] == pytest.approx(e[key], rel=1e-3, abs=1e-4), key
+
+
 def test_a_diverged_run_keeps_its_telemetry(tmp_path, cache_dir, monkeypatch):
     """A learning rate far too large: the loss becomes non-finite, the run fails, and results.json keeps the
     telemetry of every step up to the last one read, the last point showing the blow-up."""
