@@ -4,13 +4,15 @@ reference config, on one character-level text, with the same train/validation sp
     python -m runner.bench.nanogpt --nanogpt ../nanoGPT                  # the built-in corpus' text
     python -m runner.bench.nanogpt --nanogpt ../nanoGPT --text input.txt --steps 500 --rounds 5
     python -m runner.bench.nanogpt --nanogpt ../nanoGPT --profile        # where each step's time goes
+    python -m runner.bench.nanogpt --nanogpt ../nanoGPT --override train.compile=true   # our side compiled
 
 nanoGPT's README, "I only have a macbook": 4 layers, 4 heads, n_embd 128, block 64, batch 12, dropout 0, with
 train_shakespeare_char's lr 1e-3 decaying to min_lr 1e-4, beta2 0.99, warm-up 100, weight decay 0.1, grad clip 1.
 Our side is composed by Hydra from conf/ (model=gpt2 plus the matching overrides) and trained with the
 project's own model builder, optimizer groups, LR schedule, batch transfer and loss (runner.train,
-runner.compute), so it measures what `python run.py` trains; nanoGPT's side uses its model.py,
-configure_optimizers and train.py's get_lr, as its train.py does.
+runner.compute; `train.compile` and `train.dtype` as the Trainer applies them), so it measures what
+`python run.py` trains (a compiled side compiles in its first step: the median step time leaves it out).
+nanoGPT's side uses its model.py, configure_optimizers and train.py's get_lr, as its train.py does.
 
 The two train step by step in alternation (the order flipping every step), so a busy machine slows both alike:
 only the per-round ratio of median step times means anything there. Validation loss is the
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from runner.build import build_model
-from runner.compute import batch_loss, to_device
+from runner.compute import autocast_dtype, batch_loss, resolve_compile, to_device
 from runner.optim import build_optimizer
 from runner.schedule import build_schedule
 
@@ -139,7 +141,10 @@ class OurSide:
         t = self.cfg.train
         torch.manual_seed(seed)
         self.model = build_model(self.cfg.model).train()
-        self.optimizer = build_optimizer(t, self.model, torch.device("cpu"))  # the Trainer's
+        cpu = torch.device("cpu")
+        self.dtype = autocast_dtype(t.dtype, cpu)  # train.dtype=bfloat16: autocast, as the Trainer does
+        self.forward_model = torch.compile(self.model) if resolve_compile(t.compile, cpu) else self.model
+        self.optimizer = build_optimizer(t, self.model, cpu)  # the Trainer's
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, build_schedule(t, t.max_steps))
         self.grad_clip = t.grad_clip
 
@@ -147,7 +152,7 @@ class OurSide:
         B, T = x.shape  # a loader's batch: one document per window, positions from 0
         batch = {"input_ids": x, "labels": y, "position_ids": torch.arange(T).expand(B, T),
                  "document_ids": torch.zeros(B, T, dtype=torch.long)}
-        loss = batch_loss(self.model, to_device(batch, torch.device("cpu")))
+        loss = batch_loss(self.forward_model, to_device(batch, torch.device("cpu")), dtype=self.dtype)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
@@ -245,7 +250,7 @@ def main(argv=None):
         "tokens_per_s_ratio_median": statistics.median(ratios), "tokens_per_s_ratio_min": min(ratios),
         "tokens_per_s_ratio_max": max(ratios), "ratios": ratios,
         "step_ms": {name: statistics.median(t[name] for t in rounds) * 1e3 for name in ("ours", "nanoGPT")},
-        "val_nll": losses, "steps": args.steps, "rounds": args.rounds, "characters": len(text), "vocab": vocab,
+        "val_nll": losses, "overrides": args.override, "seed": args.seed, "steps": args.steps, "rounds": args.rounds, "characters": len(text), "vocab": vocab,
         "text": str(args.text) if args.text else "built-in corpus (stdlib)", "torch": torch.__version__,
         "threads": torch.get_num_threads(), "machine": platform.platform(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
