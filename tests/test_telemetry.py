@@ -228,7 +228,9 @@ def test_compare_report_shows_each_runs_telemetry(tmp_path):
     add_telemetry(files[0])
     add_telemetry(files[1], diverged=True)
     runs = gather([tmp_path / "outputs"])
-    write_report(build_report(runs, ["outputs"]), tmp_path / "report", png=False)
+    written = write_report(build_report(runs, ["outputs"]), tmp_path / "report", png=True)
+    chart = tmp_path / "report" / "telemetry.png"  # three panels, the two runs with telemetry
+    assert chart in written and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 5000
     md = (tmp_path / "report" / "report.md").read_text()
     table = md.split("## Inside training")[1].split("\n## ")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "peak max logit" not in line]

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from runner.report.format import FINISHED, fmt  # noqa: E402
+from runner.report.telemetry import SERIES  # noqa: E402
 from runner.report.trend_render import plot_ladder  # noqa: E402
 
 STYLE = {"figure.dpi": 110, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
@@ -22,7 +23,7 @@ def write_pngs(report: dict, out: Path) -> list[Path]:
     with plt.rc_context(STYLE):
         paths = [plot_curves(report, out / "curves.png"), plot_pareto(report, out / "pareto.png"),
                  plot_memory(report, out / "memory.png"), plot_effects(report, out / "effects.png"),
-                 plot_ladder(report, out / "ladder.png")]
+                 plot_ladder(report, out / "ladder.png"), plot_telemetry(report, out / "telemetry.png")]
     return [p for p in paths if p is not None]
 
 
@@ -55,6 +56,31 @@ def plot_curves(report, path):
                ylabel="loss")
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     axes[0].legend(loc="upper right")
+    return _save(fig, path)
+
+
+def plot_telemetry(report, path):
+    """The "Inside training" series (runner/report/telemetry.py) against steps, one line per run: a run that
+    did not finish dotted and ended with an x, so the step where it stopped shows."""
+    runs = [r for r in _compared(report) if r["curves"].get("telemetry")]
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, len(SERIES), figsize=(4.2 * len(SERIES), 3.6))
+    for ax, (key, title) in zip(axes, SERIES):
+        seen = set()
+        for r in runs:
+            pts = [p for p in r["curves"]["telemetry"] if p.get(key) is not None]
+            if not pts:
+                continue
+            first = r["variant_label"] not in seen
+            seen.add(r["variant_label"])
+            color, done = report["colors"][r["variant_label"]], r["status"] == FINISHED
+            ax.plot([p["step"] for p in pts], [p[key] for p in pts], color=color, linewidth=1.2, alpha=0.85,
+                    linestyle="-" if done else ":", label=r["variant_short"] if first else None)
+            if not done:
+                ax.plot(pts[-1]["step"], pts[-1][key], marker="x", color=color, markersize=6)
+        ax.set(title=title, xlabel="training step")
+    axes[0].legend(loc="best")
     return _save(fig, path)
 
 
