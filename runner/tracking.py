@@ -46,7 +46,8 @@ def _jsonable(x):
 
 # The variant fields of a run, in the order a comparison labels runs by (earlier fields name a run first).
 FAMILIES = ("preset", "norm", "norm_position", "ffn", "position", "attention", "n_heads", "n_kv_heads",
-            "kernel", "window", "attention_schedule", "d_model", "n_layers", "seq_len", "optimizer", "parametrization")
+            "kernel", "window", "attention_schedule", "d_model", "n_layers", "seq_len", "optimizer", "parametrization",
+            "qk_norm", "z_loss")
 # The part choices among them: W&B tags and the printed summary name a run by these.
 PART_FAMILIES = ("preset", "norm_position", "norm", "ffn", "position", "attention", "kernel")
 
@@ -83,8 +84,16 @@ def variant_fields(cfg: DictConfig) -> dict:
         # how it is trained, as swappable parts (runner/optim.py, variants/mup.py)
         "optimizer": choices.get("train/optimizer") or target((cfg.get("train") or {}).get("optimizer")),
         "parametrization": m.get("parametrization"),
+        **stability_fields(m, cfg.get("train") or {}),
         "seed": cfg.get("train", {}).get("seed"),
     }
+
+
+def stability_fields(model_cfg, train_cfg) -> dict:
+    """The stability remedies a run may add (QK-norm, z-loss), as variant fields; read from a results.json's
+    config too, for runs recorded before these were fields."""
+    return {"qk_norm": bool(((model_cfg or {}).get("attention") or {}).get("qk_norm") or False),
+            "z_loss": float((train_cfg or {}).get("z_loss") or 0.0)}
 
 
 def machine_load() -> dict:

@@ -192,6 +192,8 @@ def test_verdict_line_reads_as_a_sentence():
     d = paired_difference([0.02, -0.01, 0.03])
     line = verdict_line({"family": "ffn", "choice": "gelu", "reference": "relu", **d})
     assert "not distinguishable at this budget (about" in line and "seeds would resolve +0.013" in line
+    line = verdict_line({"family": "qk_norm", "choice": True, "reference": False, **d})  # a flag names its field
+    assert line.startswith("qk_norm=True vs qk_norm=False: +0.013")
 
 
 def test_reference_choice_from_config(mixed):

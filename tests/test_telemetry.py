@@ -244,3 +244,27 @@ def test_compare_report_shows_each_runs_telemetry(tmp_path):
                                                                     "attn_entropy": [0.5, 0.2], "z_mean": 7.0}]}
     assert telemetry_points(curves) == [{"step": 4, "tokens": 512.0, "attn_max_logit": 3.0, "attn_entropy": 0.2,
                                          "z_mean": 7.0}]
+
+
+def test_qk_norm_and_z_loss_are_variant_fields_even_for_runs_recorded_before_them(tmp_path):
+    """A QK-norm or z-loss run is a variant of its own in a comparison: from results.json's variant, or, for a run
+    recorded before these were fields, from its config; runs that set neither stay one variant."""
+    import json
+    from test_compare import write_results
+    from conftest import compose
+    from runner.report import build_report, gather
+    from runner.tracking import variant_fields
+    fields = variant_fields(compose(["model.attention.qk_norm=true", "train.z_loss=1e-4"]))
+    assert (fields["qk_norm"], fields["z_loss"]) == (True, 1e-4)
+    assert (variant_fields(compose())["qk_norm"], variant_fields(compose())["z_loss"]) == (False, 0.0)
+    root = tmp_path / "outputs" / "sweeps" / "s"
+    for i, (qk, z) in enumerate([(None, None), (True, None), (None, 1e-4)]):
+        for seed in (0, 1):
+            path = write_results(root / f"{i}_{seed}", seed=seed) / "results.json"
+            record = json.loads(path.read_text())
+            record["config"].update(model={"attention": {"qk_norm": qk}}, train={"z_loss": z})
+            path.write_text(json.dumps(record))
+    report = build_report(gather([tmp_path / "outputs"]), ["outputs"])
+    labels = {r["variant_label"] for r in report["runs"]}
+    assert labels == {"qk_norm=False z_loss=0.0", "qk_norm=True z_loss=0.0", "qk_norm=False z_loss=0.0001"}
+    assert {v["family"] for v in report["verdicts"]} == {"qk_norm", "z_loss"}

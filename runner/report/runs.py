@@ -7,7 +7,7 @@ from pathlib import Path
 from runner.report.format import FINISHED, fmt_value
 from runner.report.telemetry import telemetry_points
 from runner.report.trends import ladder_points
-from runner.tracking import FAMILIES, sweep_group_name
+from runner.tracking import FAMILIES, stability_fields, sweep_group_name
 
 # Tableau 10: one colour per variant, shared by the HTML charts and the PNGs (seeds share their variant's);
 # past ten variants, colour() spreads further hues so that no two variants share one.
@@ -59,6 +59,9 @@ def load_run(path: Path) -> dict:
     if run_dir.is_relative_to(Path.cwd().resolve()):  # shown relative to where run.py was launched
         run_dir = run_dir.relative_to(Path.cwd().resolve())
     variant = {k: _hashable(v) for k, v in (data.get("variant") or {}).items()}
+    if data.get("variant") and "qk_norm" not in variant:  # recorded before they were fields: from its config
+        config = data.get("config") or {}
+        variant.update(stability_fields(config.get("model"), config.get("train")))
     row = {
         "id": str(run_dir), "name": run_dir.name, "status": data.get("status") or "unknown",
         "task": data.get("task"), "group": (data.get("wandb") or {}).get("group") or _sweep_group(run_dir),

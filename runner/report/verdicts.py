@@ -119,10 +119,16 @@ def _decided_by(runs, family, other) -> bool:
     return all(len(v) == 1 for v in seen.values())
 
 
+def _named(family: str, value) -> str:
+    """A choice as a verdict names it: a part's name as it is (swiglu), a flag or number with its field
+    (qk_norm=True, n_kv_heads=2), which alone would not say what was varied."""
+    return value if isinstance(value, str) else f"{family}={value}"
+
+
 def verdict_line(v: dict) -> str:
     """"swiglu vs relu: -0.060 ± 0.020 val loss, better" (the headline's sentence)."""
     diff = f"{v['mean']:+.3f}" + (f" ± {v['half']:.3f}" if v["half"] is not None else "")
-    line = f"{v['choice']} vs {v['reference']}: {diff} val loss, {v['verdict']}"
+    line = f"{_named(v['family'], v['choice'])} vs {_named(v['family'], v['reference'])}: {diff} val loss, {v['verdict']}"
     if v["verdict"] == UNRESOLVED:
         need = v["seeds_needed"]
         line += (f" (about {need} seeds would resolve {v['mean']:+.3f} at this spread)" if need
