@@ -69,43 +69,8 @@ def reference_comparison(model, dtype, device, prompt_length: int, new_tokens: i
                    "theirs": timer(lambda: theirs(prompt, use_cache=True))}
 
         # Decode: prefill untimed, then new_tokens greedy steps.
-        state, tokens = {}, {"ours": [], "theirs": []}
-
-        def ours_setup():
-            cache.reset()
-            state["next"] = model(prompt, cache=cache)[:, -1:].argmax(-1)  # (1, 1)
-
-        def ours_decode():
-            token, generated = state["next"], []
-            for _ in range(new_tokens):
-                token = model(token, cache=cache)[:, -1:].argmax(-1)
-                generated.append(token)
-            tokens["ours"] = generated
-
-        def theirs_setup():
-            result = theirs(prompt, use_cache=True)
-            state["past"], state["next"] = result.past_key_values, result.logits[:, -1:].argmax(-1)
-
-        def theirs_decode():
-            token, past, generated = state["next"], state["past"], []
-            for _ in range(new_tokens):
-                result = theirs(token, past_key_values=past, use_cache=True)
-                past, token = result.past_key_values, result.logits[:, -1:].argmax(-1)
-                generated.append(token)
-            tokens["theirs"] = generated
-
         decoder = Decoder(model, 1, prompt_length + new_tokens, dtype, device, compile=True) if compiled else None
-
-        def compiled_setup():
-            state["next_compiled"] = decoder.prefill(prompt).argmax(-1)  # (1,)
-
-        def compiled_decode():
-            token = state["next_compiled"]
-            for _ in range(new_tokens):
-                token = decoder.step(token).argmax(-1)
-
-        runs = [("ours", ours_setup, ours_decode), ("theirs", theirs_setup, theirs_decode)]
-        runs += [("ours_compiled", compiled_setup, compiled_decode)] if compiled else []
+        runs, tokens = decode_runs(model, theirs, prompt, new_tokens, cache, decoder)
         decode, memory = {}, {}
         for name, setup, run in runs:
             with PeakMemory(device) as mem:
@@ -131,6 +96,48 @@ def reference_comparison(model, dtype, device, prompt_length: int, new_tokens: i
     out["prefill_tokens_per_s"] = {k: throughput(v, prompt_length)["tokens_per_s"] for k, v in prefill.items()}
     out["decode_tokens_per_s"] = {k: throughput(v, new_tokens)["tokens_per_s"] for k, v in decode.items()}
     return out
+
+
+def decode_runs(model, theirs, prompt, new_tokens: int, cache, decoder=None):
+    """The decode benchmarks as (name, setup, run) triples: ours with `cache`, transformers' with its dynamic cache,
+    and our compiled `decoder` when given; each setup prefills untimed, each run takes new_tokens greedy steps.
+    Returns (the triples, {"ours": [...], "theirs": [...]}: the tokens each run generated, filled by the runs)."""
+    state, tokens = {}, {"ours": [], "theirs": []}
+
+    def ours_setup():
+        cache.reset()
+        state["next"] = model(prompt, cache=cache)[:, -1:].argmax(-1)  # (1, 1)
+
+    def ours_decode():
+        token, generated = state["next"], []
+        for _ in range(new_tokens):
+            token = model(token, cache=cache)[:, -1:].argmax(-1)
+            generated.append(token)
+        tokens["ours"] = generated
+
+    def theirs_setup():
+        result = theirs(prompt, use_cache=True)
+        state["past"], state["next"] = result.past_key_values, result.logits[:, -1:].argmax(-1)
+
+    def theirs_decode():
+        token, past, generated = state["next"], state["past"], []
+        for _ in range(new_tokens):
+            result = theirs(token, past_key_values=past, use_cache=True)
+            past, token = result.past_key_values, result.logits[:, -1:].argmax(-1)
+            generated.append(token)
+        tokens["theirs"] = generated
+
+    def compiled_setup():
+        state["next_compiled"] = decoder.prefill(prompt).argmax(-1)  # (1,)
+
+    def compiled_decode():
+        token = state["next_compiled"]
+        for _ in range(new_tokens):
+            token = decoder.step(token).argmax(-1)
+
+    runs = [("ours", ours_setup, ours_decode), ("theirs", theirs_setup, theirs_decode)]
+    runs += [("ours_compiled", compiled_setup, compiled_decode)] if decoder is not None else []
+    return runs, tokens
 
 
 def static_comparison(model, theirs, decoder, prompt, new_tokens: int, timer) -> dict:
