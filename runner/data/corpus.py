@@ -60,40 +60,64 @@ def load_corpus(data_cfg, cache_dir: str | os.PathLike) -> Corpus:
     """Describe the documents `data_cfg` names and how they split. Reads the corpus once (to count, check and
     fingerprint it) without keeping it; raises before anything is tokenized. A streamed Hub dataset is not
     read here: its fingerprint is its name, revision and caps."""
-    source = data_cfg.source
-    max_docs = data_cfg.get("max_documents")
+    max_docs, val_fraction = data_cfg.get("max_documents"), data_cfg.val_fraction
     if max_docs is not None and max_docs < 1:
         raise ValueError(f"data.max_documents={max_docs} must be >= 1 or null")
-    val_fraction = data_cfg.val_fraction
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
-
-    meta = {"source": source, "python_version": platform.python_version()}
+    meta = {"source": data_cfg.source, "python_version": platform.python_version()}
     skipped = {"n": 0}  # empty documents: skipped before max_documents counts, so the cap counts real ones
+    raw = raw_streams(data_cfg, cache_dir, skipped, meta)
+    if data_cfg.source == "hub" and data_cfg.get("streaming", False):
+        return streamed_corpus(data_cfg, raw, meta)
+
+    h, counts, lowest, val_keys = count_splits(raw, val_fraction)  # one pass over every document
+    held_out = None
+    if raw[0][0] is None and val_fraction > 0 and counts["val"] == 0 and counts["train"] >= 2:
+        # A small corpus can draw no validation document at all; hold out the one with the lowest hash
+        # (deterministic, and still chosen by key, not by position).
+        held_out = lowest[1]
+        counts = {"train": counts["train"] - 1, "val": 1}
+    if raw[0][0] is None:
+        log_hashed_split(data_cfg, counts, val_keys, held_out)
+    h.update(json.dumps([val_fraction, held_out]).encode())
+    meta["skipped_empty_documents"] = skipped["n"]
+    check_split_counts(data_cfg, counts, skipped["n"])
+    return Corpus(data_cfg.name, h.hexdigest()[:16], [split_stream(r, val_fraction, held_out) for r in raw], meta)
+
+
+def raw_streams(data_cfg, cache_dir, skipped: dict, meta: dict) -> list:
+    """data.source's document streams, [(split or None: hashed, a callable that yields (key, text))]; what names
+    the source goes into `meta`."""
+    source, max_docs = data_cfg.source, data_cfg.get("max_documents")
     if source == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
-        raw = [(None, lambda: itertools.islice(non_empty(stdlib_documents(root), skipped), max_docs))]
         meta["root"] = str(root)
-    elif source == "hub":
-        raw = hub_streams(data_cfg, skipped)  # a Hub dataset may bring its own validation split
+        return [(None, lambda: itertools.islice(non_empty(stdlib_documents(root), skipped), max_docs))]
+    if source == "hub":
         meta.update(dataset=data_cfg.dataset, config_name=data_cfg.get("config_name"))
-    elif source == "local":
-        raw = local_streams(data_cfg, cache_dir, skipped, max_docs)
-    else:
-        raise ValueError(f"data.source={source!r} is not a source; choose stdlib, hub or local")
+        return hub_streams(data_cfg, skipped)  # a Hub dataset may bring its own validation split
+    if source == "local":
+        return local_streams(data_cfg, cache_dir, skipped, max_docs)
+    raise ValueError(f"data.source={source!r} is not a source; choose stdlib, hub or local")
 
-    if source == "hub" and data_cfg.get("streaming", False):
-        spec = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in data_cfg.items()
-                if k not in ("seq_len", "packing", "sampling", "bench", "rebuild", "num_proc", "verify", "shard_tokens",
-                             "name")}
-        meta["skipped_empty_documents"] = None  # unknown until read
-        for split, docs in raw:  # only the first document of each: a wrong text_field fails here, not later
-            if next(iter(docs()), None) is None and split != "val":
-                raise ValueError(f"corpus {data_cfg.name!r} has no non-empty training documents")
-        fp = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return Corpus(data_cfg.name, fp, [split_stream(r, val_fraction, None) for r in raw], meta)
 
-    # One pass: count each split, find the held-out fallback, hash every key and text.
+def streamed_corpus(data_cfg, raw: list, meta: dict) -> Corpus:
+    """A streamed Hub dataset, not read ahead: fingerprinted by its settings, checked on its first document."""
+    spec = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in data_cfg.items()
+            if k not in ("seq_len", "packing", "sampling", "bench", "rebuild", "num_proc", "verify", "shard_tokens",
+                         "name")}
+    meta["skipped_empty_documents"] = None  # unknown until read
+    for split, docs in raw:  # only the first document of each: a wrong text_field fails here, not later
+        if next(iter(docs()), None) is None and split != "val":
+            raise ValueError(f"corpus {data_cfg.name!r} has no non-empty training documents")
+    fp = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Corpus(data_cfg.name, fp, [split_stream(r, data_cfg.val_fraction, None) for r in raw], meta)
+
+
+def count_splits(raw: list, val_fraction: float):
+    """One pass: each split's documents counted, every key and text hashed, the hashed split's validation keys
+    and its lowest-scoring key (the held-out fallback). -> (hash, counts, (score, key) or None, val keys)."""
     h, counts, lowest, val_keys = hashlib.sha256(), {"train": 0, "val": 0}, None, []
     for i, (split, docs) in enumerate(raw):
         for key, text in docs():
@@ -106,29 +130,22 @@ def load_corpus(data_cfg, cache_dir: str | os.PathLike) -> Corpus:
                 val_keys.append(key)
             if split is None and (lowest is None or score < lowest[0]):
                 lowest = (score, key)
-    held_out = None
-    if raw[0][0] is None and val_fraction > 0 and counts["val"] == 0 and counts["train"] >= 2:
-        # A small corpus can draw no validation document at all; hold out the one with the lowest hash
-        # (deterministic, and still chosen by key, not by position).
-        held_out = lowest[1]
-        counts = {"train": counts["train"] - 1, "val": 1}
-    if raw[0][0] is None:
-        log_hashed_split(data_cfg, counts, val_keys, held_out)
-    h.update(json.dumps([val_fraction, held_out]).encode())
+    return h, counts, lowest, val_keys
 
-    meta["skipped_empty_documents"] = skipped["n"]
+
+def check_split_counts(data_cfg, counts: dict, skipped: int) -> None:
+    """A split with no documents, named with the setting that caused it."""
     if not counts["train"] and not counts["val"]:
-        raise ValueError(f"corpus {data_cfg.name!r} has no non-empty documents ({skipped['n']} empty ones skipped)")
+        raise ValueError(f"corpus {data_cfg.name!r} has no non-empty documents ({skipped} empty ones skipped)")
     if not counts["train"]:
         raise ValueError(f"corpus {data_cfg.name!r} has no training documents; lower data.val_fraction")
     if not counts["val"] and data_cfg.get("val_paths"):
         raise ValueError(f"data.val_paths={list_of(data_cfg.val_paths)} holds no non-empty document")
     if not counts["val"] and data_cfg.get("val_split"):
         raise ValueError(f"data.val_split={data_cfg.val_split!r} of {data_cfg.name!r} has no non-empty documents")
-    if not counts["val"] and val_fraction > 0:
+    if not counts["val"] and data_cfg.val_fraction > 0:
         raise ValueError(f"corpus {data_cfg.name!r} is too small to hold out a validation document "
                          f"({counts['train']} documents); add documents or set data.val_fraction=0")
-    return Corpus(data_cfg.name, h.hexdigest()[:16], [split_stream(r, val_fraction, held_out) for r in raw], meta)
 
 
 def log_hashed_split(data_cfg, counts: dict, val_keys: list[str], held_out: str | None) -> None:
