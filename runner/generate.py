@@ -68,15 +68,9 @@ def generate(model, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
     """
     if prompts and isinstance(prompts[0], int):
         prompts = [prompts]
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
-    B, P = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, P), pad_token_id, dtype=torch.long, device=device)
-    docs = torch.full((B, P), PAD_DOCUMENT, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-        docs[i, P - len(p):] = PROMPT_DOCUMENT
+    ids, docs = left_padded(prompts, pad_token_id, device)
+    B, P = ids.shape
     eos = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)
                        else list(eos_token_id), dtype=torch.long, device=device)
     generator = None
@@ -116,13 +110,31 @@ def generate(model, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
             logits = model(token[:, None], cache=cache)[:, -1]
 
     out = torch.stack(new, dim=1).tolist() if new else [[] for _ in range(B)]
-    eos_set = set(eos.tolist())
-    for row in out:  # cut each row after its first end-of-text
+    return cut_after_eos(out, set(eos.tolist()))
+
+
+def left_padded(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts right-aligned in one (B, P) batch: token ids, and document ids that keep the padding on
+    the left out of every prompt's attention."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, P), pad_token_id, dtype=torch.long, device=device)
+    docs = torch.full((B, P), PAD_DOCUMENT, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        docs[i, P - len(p):] = PROMPT_DOCUMENT
+    return ids, docs
+
+
+def cut_after_eos(rows: list[list[int]], eos: set[int]) -> list[list[int]]:
+    """Each row cut after its first end-of-text token (in place; returned)."""
+    for row in rows:
         for j, t in enumerate(row):
-            if t in eos_set:
+            if t in eos:
                 del row[j + 1:]
                 break
-    return out
+    return rows
 
 
 # -- task=generate ------------------------------------------------------------------------------------------
