@@ -45,6 +45,15 @@ def telemetry_lines(report: dict) -> list[str]:
 
 
 def render_markdown(report: dict, images: list[str] = ()) -> str:
+    lines = (_header_lines(report) + _verdict_lines(report) + trends_markdown(report) + _runs_lines(report)
+             + _unfinished_lines(report) + telemetry_lines(report) + _lr_lines(report) + _effects_lines(report)
+             + _by_size_lines(report))
+    if images:
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in images]
+    return "\n".join(lines) + "\n"
+
+
+def _header_lines(report) -> list[str]:
     runs = report["runs"]
     n_ok = sum(r["status"] == FINISHED for r in runs)
     lines = [f"# {report['title']}", "",
@@ -52,18 +61,23 @@ def render_markdown(report: dict, images: list[str] = ()) -> str:
              f"{', '.join(f'`{d}`' for d in report['dirs'])}, {report['generated_at']}.", "", budget_note(report)]
     if report["common"]:
         lines += ["", "Common to all runs: " + ", ".join(f"{k}={v}" for k, v in report["common"].items()) + "."]
-    lines += ["", "## Verdicts", ""]
-    if report["verdicts"]:
-        lines += ["Each choice against the reference choice, paired by seed (each variant at its best learning "
-                  "rate): mean difference in validation loss with its 95% t-interval; negative is better.", ""]
-        lines += [f"- {verdict_line(v)}" for v in report["verdicts"]]
-        lines += [""] + _md_table(VERDICT_HEAD, verdict_rows(report["verdicts"]))
-    else:
-        lines += ["No family has two choices among the compared runs."]
-    lines += trends_markdown(report)  # as compute grows; Holm; lr sensitivity
-    cost = report["cost"]
-    lines += ["", "## Runs", "", f"Compared runs first, by validation loss; ★ marks the front of validation loss "
-              f"against {cost['label']} (compare.cost={cost['name']}).", ""]
+    return lines
+
+
+def _verdict_lines(report) -> list[str]:
+    lines = ["", "## Verdicts", ""]
+    if not report["verdicts"]:
+        return lines + ["No family has two choices among the compared runs."]
+    lines += ["Each choice against the reference choice, paired by seed (each variant at its best learning "
+              "rate): mean difference in validation loss with its 95% t-interval; negative is better.", ""]
+    lines += [f"- {verdict_line(v)}" for v in report["verdicts"]]
+    return lines + [""] + _md_table(VERDICT_HEAD, verdict_rows(report["verdicts"]))
+
+
+def _runs_lines(report) -> list[str]:
+    runs, cost = report["runs"], report["cost"]
+    lines = ["", "## Runs", "", f"Compared runs first, by validation loss; ★ marks the front of validation loss "
+             f"against {cost['label']} (compare.cost={cost['name']}).", ""]
     head = ["run", "status", "task", "budget", "compared", *report["variant_columns"],
             *(h for _, h in report["metric_columns"]), "directory"]
     rows = [[("★ " if r["pareto"] else "") + r["label"], r["status"], fmt_value(r["task"]), fmt_value(r["budget"]),
@@ -74,6 +88,11 @@ def render_markdown(report: dict, images: list[str] = ()) -> str:
     lines += _md_table(head, rows)
     if any(r.get("kv_estimated") for r in runs):
         lines += ["", "\\* KV bytes/token counted by the model (the run was not benchmarked, so no cache was allocated)."]
+    return lines
+
+
+def _unfinished_lines(report) -> list[str]:
+    lines = []
     if report["not_finished"]:
         lines += ["", "## Runs that did not finish", ""]
         lines += [f"- **{r['status']}** {r['label']} (`{r['id']}`): "
@@ -81,33 +100,44 @@ def render_markdown(report: dict, images: list[str] = ()) -> str:
     if report.get("config_errors"):
         lines += ["", "## Stopped by a config error before starting", ""]
         lines += [f"- `{r['id']}`: " + " ".join((r["error"] or "").split()) for r in report["config_errors"]]
-    lines += telemetry_lines(report)
-    if report["lr_tuning"]:
-        lines += ["", "## Learning rates", "", "Validation loss averaged over seeds at each learning rate; each "
-                  "variant is compared at its best (**bold**).", ""]
-        grid = sorted({lr for t in report["lr_tuning"] for lr in t["grid"] if lr is not None})
-        lines += _md_table(["variant", *map(fmt_lr, grid), "best lr"],
-                           [[t["variant_label"], *lr_cells(t, grid, "**{}**"), fmt_lr(t["best_lr"])
-                             + (" (edge of the grid: widen it)" if t["at_edge"] else "")] for t in report["lr_tuning"]])
-    if report["effects"]:
-        lines += ["", "## Effect of each choice", "",
-                  "Mean over the compared finished runs with that choice (averaged per seed, then over seeds); "
-                  "[95% t-interval across seeds] on loss when there are several seeds; perplexity's interval is "
-                  "the exponential of loss's. Ranked by validation loss; Δ is against the family's best choice."]
-        for fam in report["effects"]:
-            lines += ["", f"### {family_title(fam)}", ""]
-            lines += _md_table(["choice", "runs", "seeds", "val loss", "val ppl", "Δ loss", "train tok/s"],
-                               [[fmt_value(c["choice"]), c["runs"], c["seeds"], fmt_interval(c, "val_loss"),
-                                 fmt_interval(c, "val_ppl"), f"+{c['delta_loss']:.4f}",
-                                 fmt_interval(c, "train_tokens_per_s")] for c in fam["choices"]])
-    if report["by_size"]:
-        lines += ["", "## Effects by model size", ""]
-        for s in report["by_size"]:
-            size = " ".join(f"{k}={v}" for k, v in s["size"].items())
-            params = f" ({fmt('params', s['params_non_embedding'])} non-embedding parameters)" \
-                if s["params_non_embedding"] else ""
-            lines += ["", f"### {size}{params}", ""] + (_md_table(VERDICT_HEAD, verdict_rows(s["verdicts"]))
-                                                        if s["verdicts"] else ["No pairs at this size."])
-    if images:
-        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in images]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _lr_lines(report) -> list[str]:
+    if not report["lr_tuning"]:
+        return []
+    lines = ["", "## Learning rates", "", "Validation loss averaged over seeds at each learning rate; each "
+             "variant is compared at its best (**bold**).", ""]
+    grid = sorted({lr for t in report["lr_tuning"] for lr in t["grid"] if lr is not None})
+    return lines + _md_table(["variant", *map(fmt_lr, grid), "best lr"],
+                             [[t["variant_label"], *lr_cells(t, grid, "**{}**"), fmt_lr(t["best_lr"])
+                               + (" (edge of the grid: widen it)" if t["at_edge"] else "")] for t in report["lr_tuning"]])
+
+
+def _effects_lines(report) -> list[str]:
+    if not report["effects"]:
+        return []
+    lines = ["", "## Effect of each choice", "",
+             "Mean over the compared finished runs with that choice (averaged per seed, then over seeds); "
+             "[95% t-interval across seeds] on loss when there are several seeds; perplexity's interval is "
+             "the exponential of loss's. Ranked by validation loss; Δ is against the family's best choice."]
+    for fam in report["effects"]:
+        lines += ["", f"### {family_title(fam)}", ""]
+        lines += _md_table(["choice", "runs", "seeds", "val loss", "val ppl", "Δ loss", "train tok/s"],
+                           [[fmt_value(c["choice"]), c["runs"], c["seeds"], fmt_interval(c, "val_loss"),
+                             fmt_interval(c, "val_ppl"), f"+{c['delta_loss']:.4f}",
+                             fmt_interval(c, "train_tokens_per_s")] for c in fam["choices"]])
+    return lines
+
+
+def _by_size_lines(report) -> list[str]:
+    if not report["by_size"]:
+        return []
+    lines = ["", "## Effects by model size", ""]
+    for s in report["by_size"]:
+        size = " ".join(f"{k}={v}" for k, v in s["size"].items())
+        params = f" ({fmt('params', s['params_non_embedding'])} non-embedding parameters)" \
+            if s["params_non_embedding"] else ""
+        lines += ["", f"### {size}{params}", ""] + (_md_table(VERDICT_HEAD, verdict_rows(s["verdicts"]))
+                                                    if s["verdicts"] else ["No pairs at this size."])
+    return lines
