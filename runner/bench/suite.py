@@ -212,13 +212,7 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
     timer = lambda fn, setup=None: time_fn(fn, device, bc.warmup, bc.repeats, setup)  # noqa: E731
     metrics = metrics or {}
     compiled = bench_compiles(cfg, device)
-    bench = {"device": device_name(device), "compile": compiled, "device_type": device.type, "dtype": dtype_name(dtype),
-             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "profile": profile,
-             "warmup": bc.warmup, "repeats": bc.repeats, "memory_kind": memory_kind(device),
-             "params": model.num_params(), "val_ppl": metrics.get("val_ppl"), "val_loss": metrics.get("val_loss"),
-             "val_tokens": metrics.get("val_tokens"),
-             **machine_load(),  # others' work skews CPU timings (print_table warns)
-             "train": [], "prefill": [], "decode": [], "kernels": [], "reference": None}
+    bench = suite_header(model, bc, device, dtype, profile, compiled, metrics)
     started = time.perf_counter()
     parts = [p for p in ("train", "prefill", "decode", "kernels") if bc.run[p]]
     log.info(f"benchmark ({profile}): {', '.join(parts)} on {bench['device']}")
@@ -243,25 +237,7 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
                                           train_step))
         update()
     with inference_model(model, dtype, device) as im:
-        # q/k/v and gate/up as one GEMM each (variants/fusion.py), as gpt-fast decodes; training is unaffected
-        bench["fused_projections"] = im.fuse_projections() if hasattr(im, "fuse_projections") else 0
-        bench["weight_bytes"] = sum(p.numel() * p.element_size() for p in im.parameters())
-        if bc.run.prefill:
-            part("prefill")
-            bench["prefill"] = prefill_points(im, sizes, dtype, device, timer)
-            update()
-        if bc.run.decode:
-            part("decode")
-            decode_points(im, sizes, bc.new_tokens, dtype, device, timer, bench["decode"], update, compiled)
-        kv = guarded(lambda: kv_cache_size(im, dtype, device, max_len=min(im.max_seq_len, 1024)), device)
-        bench.update(kv if kv.pop("status") == "ok" else {"kv_cache_bytes_per_token": None, "kv_cache_error": kv})
-        run_reference, reason = wants_reference(cfg)
-        bench["reference"] = guarded(lambda: reference_comparison(
-            im, dtype, device, min(sizes["reference_prompt_length"], im.max_seq_len // 2),
-            min(bc.new_tokens, im.max_seq_len // 2), timer, compiled, bc.get("reference_static", True)), device) \
-            if run_reference else {
-            "status": "skipped", "reason": reason}
-        update()
+        inference_parts(im, cfg, bench, sizes, dtype, device, timer, part, update)
     if bc.run.kernels:
         part("attention kernels")
         attn = model.attention_modules()[0]
@@ -274,6 +250,41 @@ def run_suite(model, cfg: DictConfig, device=None, metrics: dict | None = None, 
     bar.update(1 if bar.postfix else 0)
     bar.close()
     return bench
+
+
+def suite_header(model, bc, device, dtype, profile: str, compiled: bool, metrics: dict) -> dict:
+    """The bench section before any part has run: what was measured, how, and on what."""
+    return {"device": device_name(device), "compile": compiled, "device_type": device.type, "dtype": dtype_name(dtype),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "profile": profile,
+            "warmup": bc.warmup, "repeats": bc.repeats, "memory_kind": memory_kind(device),
+            "params": model.num_params(), "val_ppl": metrics.get("val_ppl"), "val_loss": metrics.get("val_loss"),
+            "val_tokens": metrics.get("val_tokens"),
+            **machine_load(),  # others' work skews CPU timings (print_table warns)
+            "train": [], "prefill": [], "decode": [], "kernels": [], "reference": None}
+
+
+def inference_parts(im, cfg, bench: dict, sizes: dict, dtype, device, timer, part, update) -> None:
+    """The parts that run the inference copy `im` (runner/bench/inference_model): prefill, decode, the KV-cache
+    size and the reference comparison, each written into `bench` as it ends."""
+    bc, compiled = cfg.bench, bench["compile"]
+    # q/k/v and gate/up as one GEMM each (variants/fusion.py), as gpt-fast decodes; training is unaffected
+    bench["fused_projections"] = im.fuse_projections() if hasattr(im, "fuse_projections") else 0
+    bench["weight_bytes"] = sum(p.numel() * p.element_size() for p in im.parameters())
+    if bc.run.prefill:
+        part("prefill")
+        bench["prefill"] = prefill_points(im, sizes, dtype, device, timer)
+        update()
+    if bc.run.decode:
+        part("decode")
+        decode_points(im, sizes, bc.new_tokens, dtype, device, timer, bench["decode"], update, compiled)
+    kv = guarded(lambda: kv_cache_size(im, dtype, device, max_len=min(im.max_seq_len, 1024)), device)
+    bench.update(kv if kv.pop("status") == "ok" else {"kv_cache_bytes_per_token": None, "kv_cache_error": kv})
+    run_reference, reason = wants_reference(cfg)
+    bench["reference"] = guarded(lambda: reference_comparison(
+        im, dtype, device, min(sizes["reference_prompt_length"], im.max_seq_len // 2),
+        min(bc.new_tokens, im.max_seq_len // 2), timer, compiled, bc.get("reference_static", True)), device) \
+        if run_reference else {"status": "skipped", "reason": reason}
+    update()
 
 
 def bench_compiles(cfg: DictConfig, device) -> bool:
@@ -500,7 +511,7 @@ def print_table(bench: dict | None, path=None) -> None:
                      f"(ours {ref['decode_ours']}, eager {ref['decode_speed_ratio_eager']:.2f}x), peak memory "
                      f"{_num(ref.get('peak_memory_ratio'), '{:.2f}x')}, max |logit diff| {ref['max_logit_diff']:.2e}")
         static = ref.get("decode_speed_ratio_static")
-        lines.append(f"  vs transformers static cache + compiled forward: " + (
+        lines.append("  vs transformers static cache + compiled forward: " + (
             f"{static:.2f}x (prefill + {ref['new_tokens']} tokens)" if static is not None
             else f"- ({ref.get('decode_speed_ratio_static_reason')})"))
     elif ref:
