@@ -494,28 +494,7 @@ def print_table(bench: dict | None, path=None) -> None:
                  f"{_num(bench.get('kv_cache_bytes_per_token'), '{:,}')} bytes/token "
                  f"(analytic {_num(bench.get('kv_cache_bytes_per_token_analytic'), '{:,}')})")
     lines.append(f"  peak memory {format_bytes(bench.get('peak_memory_bytes'))} ({bench['memory_kind']})")
-    if bench["kernels"]:
-        kernels = list(dict.fromkeys(p["kernel"] for p in bench["kernels"]))
-        lines.append("  attention kernels, ms per forward: " + "  ".join(f"{k:>10}" for k in kernels))
-        rows = dict.fromkeys((p["mask"], p["seq_len"]) for p in bench["kernels"])
-        for mask, length in rows:
-            cells = [next((q for q in bench["kernels"] if (q["mask"], q["seq_len"], q["kernel"]) == (mask, length, k)), {})
-                     for k in kernels]
-            lines.append(f"    {mask:>9} T={length:<6}" + " " * 18 + "  ".join(
-                f"{c['median_s'] * 1e3:>10.3f}" if c.get("status") == "ok" else f"{c.get('status', '-'):>10}"
-                for c in cells))
-    ref = bench.get("reference") or {}
-    if ref.get("status") == "ok":
-        lines.append(f"  vs transformers (ours/theirs): forward time {ref['forward_time_ratio']:.2f}x, prefill "
-                     f"{ref['prefill_speed_ratio']:.2f}x, decode {ref['decode_speed_ratio']:.2f}x tokens/s "
-                     f"(ours {ref['decode_ours']}, eager {ref['decode_speed_ratio_eager']:.2f}x), peak memory "
-                     f"{_num(ref.get('peak_memory_ratio'), '{:.2f}x')}, max |logit diff| {ref['max_logit_diff']:.2e}")
-        static = ref.get("decode_speed_ratio_static")
-        lines.append("  vs transformers static cache + compiled forward: " + (
-            f"{static:.2f}x (prefill + {ref['new_tokens']} tokens)" if static is not None
-            else f"- ({ref.get('decode_speed_ratio_static_reason')})"))
-    elif ref:
-        lines.append(f"  vs transformers: {ref.get('status')} ({ref.get('reason') or ref.get('error')})")
+    lines += _kernel_lines(bench["kernels"]) + _reference_lines(bench.get("reference") or {})
     if bench.get("val_ppl") is not None:
         tokens = f", {bench['val_tokens']:,} tokens" if bench.get("val_tokens") else ""
         lines.append(f"  perplexity {bench['val_ppl']:.3f} (val loss {bench['val_loss']:.4f}{tokens})")
@@ -526,3 +505,34 @@ def print_table(bench: dict | None, path=None) -> None:
     if path:
         lines.append(f"  results    {path}")
     print("\n".join(lines))
+
+
+def _kernel_lines(points: list[dict]) -> list[str]:
+    """The attention kernels' table: a row per (mask, length), a column per kernel, ms per forward."""
+    if not points:
+        return []
+    kernels = list(dict.fromkeys(p["kernel"] for p in points))
+    lines = ["  attention kernels, ms per forward: " + "  ".join(f"{k:>10}" for k in kernels)]
+    for mask, length in dict.fromkeys((p["mask"], p["seq_len"]) for p in points):
+        cells = [next((q for q in points if (q["mask"], q["seq_len"], q["kernel"]) == (mask, length, k)), {})
+                 for k in kernels]
+        lines.append(f"    {mask:>9} T={length:<6}" + " " * 18 + "  ".join(
+            f"{c['median_s'] * 1e3:>10.3f}" if c.get("status") == "ok" else f"{c.get('status', '-'):>10}"
+            for c in cells))
+    return lines
+
+
+def _reference_lines(ref: dict) -> list[str]:
+    """The comparison with transformers' Phi-3, or why it did not run."""
+    if not ref:
+        return []
+    if ref.get("status") != "ok":
+        return [f"  vs transformers: {ref.get('status')} ({ref.get('reason') or ref.get('error')})"]
+    static = ref.get("decode_speed_ratio_static")
+    return [f"  vs transformers (ours/theirs): forward time {ref['forward_time_ratio']:.2f}x, prefill "
+            f"{ref['prefill_speed_ratio']:.2f}x, decode {ref['decode_speed_ratio']:.2f}x tokens/s "
+            f"(ours {ref['decode_ours']}, eager {ref['decode_speed_ratio_eager']:.2f}x), peak memory "
+            f"{_num(ref.get('peak_memory_ratio'), '{:.2f}x')}, max |logit diff| {ref['max_logit_diff']:.2e}",
+            "  vs transformers static cache + compiled forward: " + (
+                f"{static:.2f}x (prefill + {ref['new_tokens']} tokens)" if static is not None
+                else f"- ({ref.get('decode_speed_ratio_static_reason')})")]
