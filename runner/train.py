@@ -99,22 +99,12 @@ class Trainer:
     logging, evaluation and checkpoints between them), wrap_up (final checkpoint and evaluation)."""
 
     def __init__(self, cfg: DictConfig, results: Results, logger, out_dir, dist: distributed.Dist):
-        from runner.data import batch_loader, build_data  # imported here so that `--cfg job` stays light
-
         self.cfg, self.t, self.results, self.logger, self.out_dir, self.dist = cfg, cfg.train, results, logger, out_dir, dist
         t, device = cfg.train, dist.device
         self.device = device
         torch.manual_seed(t.seed)  # the same on every rank: identical initial weights
 
-        if not dist.is_main:
-            distributed.wait_for_main(dist)  # rank 0 tokenizes and fills the data cache first; the others read it
-        self.data = build_data(cfg)
-        if dist.is_main:
-            distributed.wait_for_main(dist)
-        if cfg.model.get("vocab_size") is None:
-            with open_dict(cfg):
-                cfg.model.vocab_size = self.data.tokenizer.vocab_size
-        results.update(data=self.data.stats, distributed={"mode": dist.mode, "world_size": dist.world_size})
+        self.data = self.load_data()
 
         model = build_model(cfg.model, device)
         if model.vocab_size < self.data.tokenizer.vocab_size:  # the built model's: a checkpoint has its own size
@@ -140,14 +130,7 @@ class Trainer:
         self.cooldowns = Cooldowns(t, check_budget(t), self.tokens_per_step, self.flops_per_token)
         # train.telemetry: probes inside the model and the optimizer step, read at log steps (runner/telemetry.py)
         self.telemetry = telemetry.build(t.get("telemetry"), model, self.optimizer, t.log_every)
-        # A step takes batch_size rows of the epoch's permutation, cut into world_size x grad_accum interleaved
-        # shards; rank r's micro-step a takes shard r * grad_accum + a. Which rows a step and each micro-batch
-        # hold does not depend on how the work is split: one process with grad_accum=2 computes exactly what
-        # two ranks with grad_accum=1 compute, and a checkpoint's loader position fits any split.
-        shards = dist.world_size * t.grad_accum
-        self.loaders = [batch_loader(self.data.train, t.batch_size // shards, seed=t.seed,
-                                     rank=dist.rank * t.grad_accum + a, world_size=shards,
-                                     sampling=cfg.data.get("sampling", "rows")) for a in range(t.grad_accum)]
+        self.loaders = self.micro_batch_loaders()
         peak = _peak_flops(device)
         self.peak_flops = peak * dist.world_size if peak else None
         self.step, self.curves = 0, {"train": [], "val": []}
@@ -156,6 +139,34 @@ class Trainer:
         # (step, loss, {"aux_loss"/"z_loss": term}), on the device, not yet read: read at log steps and checkpoints, so
         # the host never waits for the device inside a step
         self.pending_losses = []
+
+    def load_data(self):
+        """The run's data (rank 0 tokenizes and fills the cache first; the other ranks then read it); the model's
+        vocabulary defaults to the tokenizer's."""
+        from runner.data import build_data  # imported here so that `--cfg job` stays light
+        cfg, dist = self.cfg, self.dist
+        if not dist.is_main:
+            distributed.wait_for_main(dist)
+        data = build_data(cfg)
+        if dist.is_main:
+            distributed.wait_for_main(dist)
+        if cfg.model.get("vocab_size") is None:
+            with open_dict(cfg):
+                cfg.model.vocab_size = data.tokenizer.vocab_size
+        self.results.update(data=data.stats, distributed={"mode": dist.mode, "world_size": dist.world_size})
+        return data
+
+    def micro_batch_loaders(self) -> list:
+        """One loader per micro-step. A step takes batch_size rows of the epoch's permutation, cut into world_size
+        x grad_accum interleaved shards; rank r's micro-step a takes shard r * grad_accum + a. Which rows a step and
+        each micro-batch hold does not depend on how the work is split: one process with grad_accum=2 computes
+        exactly what two ranks with grad_accum=1 compute, and a checkpoint's loader position fits any split."""
+        from runner.data import batch_loader
+        t, dist = self.t, self.dist
+        shards = dist.world_size * t.grad_accum
+        return [batch_loader(self.data.train, t.batch_size // shards, seed=t.seed, rank=dist.rank * t.grad_accum + a,
+                             world_size=shards, sampling=self.cfg.data.get("sampling", "rows"))
+                for a in range(t.grad_accum)]
 
     # -- resume ---------------------------------------------------------------------------------------------
     def resume(self):
