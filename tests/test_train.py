@@ -179,16 +179,7 @@ def test_a_training_step_never_reads_the_device_from_python(tmp_path, cache_dir,
 
     for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
         monkeypatch.setattr(torch.Tensor, name, counting(name))
-    real_step = train_module.Trainer.optimizer_step
-
-    def step(self, *args):
-        inside[0] = True
-        try:
-            return real_step(self, *args)
-        finally:
-            inside[0] = False
-
-    monkeypatch.setattr(train_module.Trainer, "optimizer_step", step)
+    monkeypatch.setattr(train_module.Trainer, "optimizer_step", watched(inside, train_module.Trainer.optimizer_step))
     for name in ("arm", "record"):  # telemetry's calls around the step record on the device too
         monkeypatch.setattr(train_module.telemetry.Telemetry, name,
                             watched(inside, getattr(train_module.telemetry.Telemetry, name)))
