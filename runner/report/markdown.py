@@ -109,9 +109,10 @@ def _lr_lines(report) -> list[str]:
     lines = ["", "## Learning rates", "", "Validation loss averaged over seeds at each learning rate; each "
              "variant is compared at its best (**bold**).", ""]
     grid = sorted({lr for t in report["lr_tuning"] for lr in t["grid"] if lr is not None})
-    return lines + _md_table(["variant", *map(fmt_lr, grid), "best lr"],
-                             [[t["variant_label"], *lr_cells(t, grid, "**{}**"), fmt_lr(t["best_lr"])
-                               + (" (edge of the grid: widen it)" if t["at_edge"] else "")] for t in report["lr_tuning"]])
+    rows = [[t["variant_label"], *lr_cells(t, grid, "**{}**"),
+             fmt_lr(t["best_lr"]) + (" (edge of the grid: widen it)" if t["at_edge"] else "")]
+            for t in report["lr_tuning"]]
+    return lines + _md_table(["variant", *map(fmt_lr, grid), "best lr"], rows)
 
 
 def _effects_lines(report) -> list[str]:

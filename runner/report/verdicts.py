@@ -128,7 +128,8 @@ def _named(family: str, value) -> str:
 def verdict_line(v: dict) -> str:
     """"swiglu vs relu: -0.060 ± 0.020 val loss, better" (the headline's sentence)."""
     diff = f"{v['mean']:+.3f}" + (f" ± {v['half']:.3f}" if v["half"] is not None else "")
-    line = f"{_named(v['family'], v['choice'])} vs {_named(v['family'], v['reference'])}: {diff} val loss, {v['verdict']}"
+    choice, reference = _named(v["family"], v["choice"]), _named(v["family"], v["reference"])
+    line = f"{choice} vs {reference}: {diff} val loss, {v['verdict']}"
     if v["verdict"] == UNRESOLVED:
         need = v["seeds_needed"]
         line += (f" (about {need} seeds would resolve {v['mean']:+.3f} at this spread)" if need
