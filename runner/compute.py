@@ -68,6 +68,16 @@ def resolve_compile(setting, device) -> bool:
     return setting == "true" or (setting == "auto" and torch.device(device).type == "cuda")
 
 
+def compile_model(model, device):
+    """torch.compile(model) as training runs it. On a CPU with inductor's C++ wrapper: the generated graph
+    calls its kernels and the ATen GEMMs from C++, not from a Python wrapper, which is about 5% of a small
+    model's training step there (runner/bench/nanogpt.py, README "Coming from nanoGPT"). On CUDA the default
+    (Python) wrapper, which CUDA graphs and the rest of the GPU path were measured with."""
+    if torch.device(device).type == "cpu":
+        return torch.compile(model, options={"cpp_wrapper": True})
+    return torch.compile(model)
+
+
 def next_token_loss(model, input_ids, labels, position_ids=None, document_ids=None, reduction: str = "mean",
                     dtype: torch.dtype | None = None):
     """Cross-entropy of the model's next-token logits against `labels` (B, T), skipping IGNORE targets.
@@ -173,15 +183,26 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+def logits_are_small(n_rows: int, vocab: int) -> bool:
+    """Whether the unchunked loss fits in one CPU chunk's budget: it holds about four (N, V) float32 tensors
+    (the logits, the log-probabilities and their gradients). Then chunking saves no memory, and its ~25 small
+    operations per step are 2% of the step at nanoGPT's CPU reference size (V = 96, 768 rows)."""
+    return 4 * 4 * n_rows * vocab <= CHUNK_BYTES
+
+
 def chunked_cross_entropy(hidden, weight, labels, reduction: str = "mean", chunk: int | None = None):
     """F.cross_entropy(hidden @ weight.T, labels, ignore_index=IGNORE) with float32 logits, computed
-    `chunk` rows at a time (default: chunk_rows for the device) so the whole batch's never exist at once.
-    Under autocast the head's matmuls run in autocast's dtype, as an autocast nn.Linear would."""
+    `chunk` rows at a time (default: chunk_rows for the device) so the whole batch's never exist at once; by
+    default, logits small enough for logits_are_small go through F.cross_entropy whole. Under autocast the
+    head's matmuls run in autocast's dtype, as an autocast nn.Linear would."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r} must be mean or sum")
-    chunk = chunk or chunk_rows(hidden.shape[0], weight.shape[0], hidden.device)
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    if chunk is None and logits_are_small(hidden.shape[0], weight.shape[0]):
+        logits = (hidden.to(dtype) @ weight.to(dtype).t()).float()
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction=reduction)
+    chunk = chunk or chunk_rows(hidden.shape[0], weight.shape[0], hidden.device)
     # decided out here: inside forward grad mode is always off, and an evaluation under no_grad (whose
     # weight still requires grad) must not pay for gradients
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)

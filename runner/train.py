@@ -26,7 +26,7 @@ from runner.build import build_model, check_model_config, record_model
 from runner.checkpoint import (RESUME_KEYS, latest_checkpoint, load_latest_readable, rng_state, save_checkpoint,
                                set_rng_state)
 from runner.cooldown import Cooldowns, check_cooldown_config
-from runner.compute import autocast_dtype, aux_loss, resolve_compile, to_device, training_loss
+from runner.compute import autocast_dtype, aux_loss, compile_model, resolve_compile, to_device, training_loss
 from runner.evaluate import evaluate, require_checkpoint_tokenizer
 from runner.optim import build_optimizer, check_optimizer_config
 from runner.task import Interrupted, StopSignal, config_checks, task_run
@@ -118,7 +118,7 @@ class Trainer:
         if t.get("activation_checkpointing"):
             checkpoint_blocks(model)
         compiled = resolve_compile(t.compile, device)  # auto: on CUDA
-        self.forward_model = torch.compile(self.model) if compiled else self.model
+        self.forward_model = compile_model(self.model, device) if compiled else self.model
         self.optimizer = build_optimizer(t, self.model, device)  # train/optimizer=adamw|muon (runner/optim.py)
         # the budget in steps (tokens and FLOPs buy a whole number of them); None: train.max_seconds, the clock
         self.tokens_per_step = t.batch_size * cfg.data.seq_len

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from runner.compute import CHUNK_BYTES, IGNORE, chunk_rows, chunked_cross_entropy, next_token_loss, resolve_compile
+from runner.compute import (CHUNK_BYTES, IGNORE, chunk_rows, chunked_cross_entropy, compile_model, logits_are_small,
+                            next_token_loss, resolve_compile)
 from runner.train import checkpoint_blocks
 
 
@@ -22,6 +23,13 @@ def test_chunked_cross_entropy_equals_the_plain_one(reduction, chunk):
     torch.testing.assert_close(ours, plain)
     for a, b in zip(torch.autograd.grad(ours * 1.7, (hidden, weight)), torch.autograd.grad(plain * 1.7, (hidden, weight))):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_only_logits_that_fit_one_chunk_four_times_skip_the_chunks():
+    """The whole-logits loss holds about four (N, V) float32 tensors: it is taken only when those fit in
+    CHUNK_BYTES (nanoGPT's character model: 768 rows x 96), never at a GPT-2 vocabulary."""
+    assert logits_are_small(768, 96) and logits_are_small(CHUNK_BYTES // 16, 1)
+    assert not logits_are_small(CHUNK_BYTES // 16 + 1, 1) and not logits_are_small(64, 50304)
 
 
 def test_chunks_are_small_on_cpu_and_few_on_an_accelerator():
@@ -52,13 +60,20 @@ def test_chunked_cross_entropy_under_bf16_autocast_matches_the_autocast_linear(c
 
 
 @pytest.mark.parametrize("tie_embeddings", [False, True])
-def test_next_token_loss_and_gradients_equal_the_logits_loss(tie_embeddings):
-    """Through the model (hidden states + its head, tied or not) against F.cross_entropy on its logits."""
+@pytest.mark.parametrize("chunk_bytes", [CHUNK_BYTES, 4 * 61 * 7])
+def test_next_token_loss_and_gradients_equal_the_logits_loss(tie_embeddings, chunk_bytes, monkeypatch):
+    """Through the model (hidden states + its head, tied or not) against F.cross_entropy on its logits: whole
+    (the logits are small) and in chunks of 7 rows (a chunk budget of 7 rows' logits)."""
+    from runner import compute
+
+    monkeypatch.setattr(compute, "CHUNK_BYTES", chunk_bytes)
     model = tiny_model(n_kv_heads=2, tie_embeddings=tie_embeddings).train()
     ids = torch.randint(0, 61, (3, 20), generator=torch.Generator().manual_seed(1))
     labels = ids.roll(-1, dims=1)
     labels[:, -1] = IGNORE
     loss = next_token_loss(model, ids, labels)
+    chunked = "_ChunkedCrossEntropy" in type(loss.grad_fn.next_functions[0][0]).__name__
+    assert chunked == (chunk_bytes < CHUNK_BYTES)
     ours = torch.autograd.grad(loss, list(model.parameters()))
     logits = model(ids)
     plain = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
@@ -79,6 +94,16 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert list(tiny_model().state_dict()) == list(model.state_dict())  # parameter names unchanged
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_training_compiles_with_inductors_cpp_wrapper_on_a_cpu_only(monkeypatch):
+    """On a CPU the compiled graph calls its kernels from C++ (about 5% of a small model's step, README "Coming
+    from nanoGPT"); on CUDA the default wrapper the GPU path was built with. (Compiled end to end: test_train.)"""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **options: calls.append(options) or model)
+    model = torch.nn.Linear(2, 2)
+    assert compile_model(model, "cpu") is model and compile_model(model, torch.device("cuda")) is model
+    assert calls == [{"options": {"cpp_wrapper": True}}, {}]
 
 
 def test_compile_auto_is_on_under_cuda_only():
