@@ -56,3 +56,21 @@ def test_the_comparison_runs_and_scores_every_validation_character_once(tmp_path
     with torch.no_grad():
         naive = F.cross_entropy(side.model.table(val[:-1]), val[1:]).item()
     assert abs(nanogpt.validation_nll(side, val, block=64) - naive) < 1e-5
+
+
+def test_nanogpt_compile_trains_nanogpts_side_through_torch_compile_as_its_train_py_does(tmp_path, monkeypatch):
+    from runner.bench import nanogpt
+    (tmp_path / "nanoGPT").mkdir()
+    (tmp_path / "nanoGPT" / "model.py").write_text(STAND_IN)
+    compiled = []
+
+    def fake_compile(model, **kwargs):  # records what was compiled; runs it eagerly
+        compiled.append((type(model).__name__, kwargs))
+        return model
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    eager = nanogpt.NanoGPTSide(tmp_path / "nanoGPT", 20, steps=1, seed=0)
+    assert compiled == [] and eager.forward_model is eager.model
+    side = nanogpt.NanoGPTSide(tmp_path / "nanoGPT", 20, steps=1, seed=0, compile=True)
+    assert compiled == [("GPT", {})]  # train.py's plain torch.compile(model)
+    x = torch.randint(0, 20, (2, 8))
+    assert torch.isfinite(side.step(x, x))

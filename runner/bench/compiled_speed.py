@@ -3,6 +3,7 @@ interleaved repeats (medians and spread), training-step tokens/s eager vs compil
 training step with the chunked loss vs whole-batch logits (each in its own process: ru_maxrss only grows).
 
     python -m runner.bench.compiled_speed decode      # the decode table and the training rates
+    python -m runner.bench.compiled_speed train       # the training rates alone
     python -m runner.bench.compiled_speed chunked     # peak RSS of one step, chunked LM head + cross-entropy
     python -m runner.bench.compiled_speed full        # the same with whole-batch float32 logits
     python -m runner.bench.compiled_speed fusion      # decode tokens/s with q/k/v and gate/up fused vs separate
@@ -46,20 +47,23 @@ def decode_table(name, model, hf=None, new=100, repeats=5):
     return row
 
 def train_rates(model, repeats=7, steps=10, B=16, T=128):
+    """Training tokens/s eager, compiled as train.compile=true compiles on a CPU (inductor's C++ wrapper), and
+    compiled with inductor's default Python wrapper, the three interleaved in each repeat."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    compiled = torch.compile(model)
-    from runner.compute import next_token_loss
+    from runner.compute import compile_model, next_token_loss
+    models = {"eager": model, "compiled": compile_model(model, "cpu"), "compiled_python_wrapper": torch.compile(model)}
     def step(m):
         ids = torch.randint(0, model.vocab_size, (B, T))
         loss = next_token_loss(m, ids, ids); loss.backward(); opt.step(); opt.zero_grad()
-    t0 = time.perf_counter(); step(compiled); warm = time.perf_counter() - t0
-    step(model)
-    out = {"eager": [], "compiled": []}
+    warm = {}
+    for k, m in models.items():
+        t0 = time.perf_counter(); step(m); warm[k] = round(time.perf_counter() - t0, 1)
+    out = {k: [] for k in models}
     for _ in range(repeats):
-        for k, m in (("eager", model), ("compiled", compiled)):
+        for k, m in models.items():
             out[k].append(timeit(lambda: [step(m) for _ in range(steps)], steps * B * T))
     row = {k: statistics.median(v) for k, v in out.items()}
-    row.update(compile_warmup_s=round(warm, 1), spread={k: [round(min(v)), round(max(v))] for k, v in out.items()})
+    row.update(first_step_s=warm, spread={k: [round(min(v)), round(max(v))] for k, v in out.items()})
     print(json.dumps({"train": row}), flush=True)
 
 def fusion_table(name, model, new=64, repeats=7):
@@ -102,6 +106,8 @@ if __name__ == "__main__":
                 cfg = compose("config", overrides=["model=phi3", f"model.vocab_size={vocab}"])
             m = build_model(cfg.model, torch.device("cpu")).eval()
             decode_table(f"phi3 preset, vocab {vocab}", m, build_reference(m, torch.float32, "cpu"))
+        train_rates(TransformerLM(4096, 128, 4, 4, 256, attention=partial(Attention, n_kv_heads=2)).train())
+    elif what == "train":
         train_rates(TransformerLM(4096, 128, 4, 4, 256, attention=partial(Attention, n_kv_heads=2)).train())
     elif what == "fusion":
         fusion_table("default preset shape (gqa_rope, d 128, 4 layers, vocab 4096)",

@@ -5,6 +5,7 @@ reference config, on one character-level text, with the same train/validation sp
     python -m runner.bench.nanogpt --nanogpt ../nanoGPT --text input.txt --steps 500 --rounds 5
     python -m runner.bench.nanogpt --nanogpt ../nanoGPT --profile        # where each step's time goes
     python -m runner.bench.nanogpt --nanogpt ../nanoGPT --override train.compile=true   # our side compiled
+    python -m runner.bench.nanogpt --nanogpt ../nanoGPT --override train.compile=true --nanogpt-compile  # both
 
 nanoGPT's README, "I only have a macbook": 4 layers, 4 heads, n_embd 128, block 64, batch 12, dropout 0, with
 train_shakespeare_char's lr 1e-3 decaying to min_lr 1e-4, beta2 0.99, warm-up 100, weight decay 0.1, grad clip 1.
@@ -12,7 +13,8 @@ Our side is composed by Hydra from conf/ (model=gpt2 plus the matching overrides
 project's own model builder, optimizer groups, LR schedule, batch transfer and loss (runner.train,
 runner.compute; `train.compile` and `train.dtype` as the Trainer applies them), so it measures what
 `python run.py` trains (a compiled side compiles in its first step: the median step time leaves it out).
-nanoGPT's side uses its model.py, configure_optimizers and train.py's get_lr, as its train.py does.
+nanoGPT's side uses its model.py, configure_optimizers and train.py's get_lr, as its train.py does; its CPU
+reference config runs eager (`--compile=False`), and `--nanogpt-compile` applies train.py's `torch.compile(model)`.
 
 The two train step by step in alternation (the order flipping every step), so a busy machine slows both alike:
 only the per-round ratio of median step times means anything there. Validation loss is the
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from runner.build import build_model
-from runner.compute import autocast_dtype, batch_loss, resolve_compile, to_device
+from runner.compute import autocast_dtype, batch_loss, compile_model, resolve_compile, to_device
 from runner.optim import build_optimizer
 from runner.schedule import build_schedule
 
@@ -80,7 +82,7 @@ def batches(train, block: int, batch_size: int, steps: int, seed: int = 1337):
 class NanoGPTSide:
     name = "nanoGPT"
 
-    def __init__(self, nanogpt_dir: Path, vocab_size: int, steps: int, seed: int):
+    def __init__(self, nanogpt_dir: Path, vocab_size: int, steps: int, seed: int, compile: bool = False):
         sys.path.insert(0, str(nanogpt_dir))
         try:
             nano = importlib.import_module("model")
@@ -91,6 +93,7 @@ class NanoGPTSide:
         self.model = nano.GPT(nano.GPTConfig(block_size=r["block_size"], vocab_size=vocab_size, n_layer=r["n_layer"],
                                              n_head=r["n_head"], n_embd=r["n_embd"], dropout=r["dropout"]))
         self.optimizer = self.model.configure_optimizers(r["weight_decay"], r["lr"], (r["beta1"], r["beta2"]), "cpu")
+        self.forward_model = torch.compile(self.model) if compile else self.model  # train.py's compile=True
         self.steps, self.it = steps, 0
 
     def lr(self, it: int) -> float:  # nanoGPT train.py's get_lr, lr_decay_iters = max_iters
@@ -103,7 +106,7 @@ class NanoGPTSide:
     def step(self, x, y) -> torch.Tensor:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr(self.it)
-        _, loss = self.model(x, y)
+        _, loss = self.forward_model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), REFERENCE["grad_clip"])
         self.optimizer.step()
@@ -143,7 +146,7 @@ class OurSide:
         self.model = build_model(self.cfg.model).train()
         cpu = torch.device("cpu")
         self.dtype = autocast_dtype(t.dtype, cpu)  # train.dtype=bfloat16: autocast, as the Trainer does
-        self.forward_model = torch.compile(self.model) if resolve_compile(t.compile, cpu) else self.model
+        self.forward_model = compile_model(self.model, cpu) if resolve_compile(t.compile, cpu) else self.model
         self.optimizer = build_optimizer(t, self.model, cpu)  # the Trainer's
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, build_schedule(t, t.max_steps))
         self.grad_clip = t.grad_clip
@@ -228,6 +231,8 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="profile 20 steps of each side instead of training")
     p.add_argument("--json", type=Path, help="write the result here as JSON")
     p.add_argument("--override", action="append", default=[], help="an extra Hydra override for our side")
+    p.add_argument("--nanogpt-compile", action="store_true",
+                   help="compile nanoGPT's model as its train.py does with compile=True (its CPU config does not)")
     args = p.parse_args(argv)
     if not (args.nanogpt / "model.py").is_file():
         p.error(f"--nanogpt {args.nanogpt}: no model.py there (clone https://github.com/karpathy/nanoGPT)")
@@ -237,7 +242,7 @@ def main(argv=None):
     train, val, vocab = char_splits(text)
     r = REFERENCE
     all_batches = list(batches(train, r["block_size"], r["batch_size"], args.steps, args.seed))
-    sides = [OurSide(vocab, args.steps, args.seed, args.override), NanoGPTSide(args.nanogpt, vocab, args.steps, args.seed)]
+    sides = [OurSide(vocab, args.steps, args.seed, args.override), NanoGPTSide(args.nanogpt, vocab, args.steps, args.seed, args.nanogpt_compile)]
     print(f"{len(text):,} characters, vocabulary {vocab}; {args.steps} steps of {r['batch_size']} x {r['block_size']}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     if args.profile:
@@ -250,7 +255,7 @@ def main(argv=None):
         "tokens_per_s_ratio_median": statistics.median(ratios), "tokens_per_s_ratio_min": min(ratios),
         "tokens_per_s_ratio_max": max(ratios), "ratios": ratios,
         "step_ms": {name: statistics.median(t[name] for t in rounds) * 1e3 for name in ("ours", "nanoGPT")},
-        "val_nll": losses, "overrides": args.override, "seed": args.seed, "steps": args.steps, "rounds": args.rounds,
+        "val_nll": losses, "overrides": args.override, "nanogpt_compiled": args.nanogpt_compile, "seed": args.seed, "steps": args.steps, "rounds": args.rounds,
         "characters": len(text), "vocab": vocab,
         "text": str(args.text) if args.text else "built-in corpus (stdlib)", "torch": torch.__version__,
         "threads": torch.get_num_threads(), "machine": platform.platform(),
