@@ -70,9 +70,9 @@ def resolve_compile(setting, device) -> bool:
 
 def compile_model(model, device):
     """torch.compile(model) as training runs it. On a CPU with inductor's C++ wrapper: the generated graph
-    calls its kernels and the ATen GEMMs from C++, not from a Python wrapper, which is about 5% of a small
-    model's training step there (runner/bench/nanogpt.py, README "Coming from nanoGPT"). On CUDA the default
-    (Python) wrapper, which CUDA graphs and the rest of the GPU path were measured with."""
+    calls its kernels and the ATen GEMMs from C++, not from a Python wrapper, which is 3-4% of a small
+    model's training step there (runner/bench/nanogpt.py, README "Coming from nanoGPT"). On CUDA inductor's
+    default (Python) wrapper, as the GPU scripts expect: the C++ wrapper has not been tried on a GPU here."""
     if torch.device(device).type == "cpu":
         return torch.compile(model, options={"cpp_wrapper": True})
     return torch.compile(model)
