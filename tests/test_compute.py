@@ -97,8 +97,8 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 def test_training_compiles_with_inductors_cpp_wrapper_on_a_cpu_only(monkeypatch):
-    """On a CPU the compiled graph calls its kernels from C++ (about 5% of a small model's step, README "Coming
-    from nanoGPT"); on CUDA the default wrapper the GPU path was built with. (Compiled end to end: test_train.)"""
+    """On a CPU the compiled graph calls its kernels from C++ (3-4% of a small model's step, README "Coming
+    from nanoGPT"); on CUDA inductor's default wrapper. (Compiled end to end: test_train.)"""
     calls = []
     monkeypatch.setattr(torch, "compile", lambda model, **options: calls.append(options) or model)
     model = torch.nn.Linear(2, 2)

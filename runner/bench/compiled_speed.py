@@ -21,6 +21,10 @@ import torch
 from runner.generate import generate
 from variants import Attention, TransformerLM
 
+def default_preset():
+    """The default preset's shape (gqa_rope: d 128, 4 layers, 4 heads / 2 KV heads, vocab 4096)."""
+    return TransformerLM(4096, 128, 4, 4, 256, attention=partial(Attention, n_kv_heads=2))
+
 def timeit(fn, n):
     t = time.perf_counter(); fn(); return n / (time.perf_counter() - t)
 
@@ -97,7 +101,7 @@ if __name__ == "__main__":
     what = sys.argv[1]
     if what == "decode":
         from runner.bench.reference import build_reference
-        default = TransformerLM(4096, 128, 4, 4, 256, attention=partial(Attention, n_kv_heads=2)).eval()
+        default = default_preset().eval()
         decode_table("default preset (gqa_rope, vocab 4096)", default)
         from hydra import compose, initialize_config_dir
         from runner.build import build_model
@@ -106,12 +110,12 @@ if __name__ == "__main__":
                 cfg = compose("config", overrides=["model=phi3", f"model.vocab_size={vocab}"])
             m = build_model(cfg.model, torch.device("cpu")).eval()
             decode_table(f"phi3 preset, vocab {vocab}", m, build_reference(m, torch.float32, "cpu"))
-        train_rates(TransformerLM(4096, 128, 4, 4, 256, attention=partial(Attention, n_kv_heads=2)).train())
+        train_rates(default_preset().train())
     elif what == "train":
-        train_rates(TransformerLM(4096, 128, 4, 4, 256, attention=partial(Attention, n_kv_heads=2)).train())
+        train_rates(default_preset().train())
     elif what == "fusion":
         fusion_table("default preset shape (gqa_rope, d 128, 4 layers, vocab 4096)",
-                     TransformerLM(4096, 128, 4, 4, 256, attention=partial(Attention, n_kv_heads=2)).eval())
+                     default_preset().eval())
         fusion_table("wider (MHA, d 1024, 4 layers, vocab 4096)", TransformerLM(4096, 1024, 4, 16, 256).eval())
     else:  # memory: one training step at vocab 32064, 2 x 1024 tokens; chunked (default) or full logits
         import runner.compute as compute

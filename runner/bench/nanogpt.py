@@ -242,7 +242,8 @@ def main(argv=None):
     train, val, vocab = char_splits(text)
     r = REFERENCE
     all_batches = list(batches(train, r["block_size"], r["batch_size"], args.steps, args.seed))
-    sides = [OurSide(vocab, args.steps, args.seed, args.override), NanoGPTSide(args.nanogpt, vocab, args.steps, args.seed, args.nanogpt_compile)]
+    sides = [OurSide(vocab, args.steps, args.seed, args.override),
+             NanoGPTSide(args.nanogpt, vocab, args.steps, args.seed, args.nanogpt_compile)]
     print(f"{len(text):,} characters, vocabulary {vocab}; {args.steps} steps of {r['batch_size']} x {r['block_size']}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     if args.profile:
@@ -255,7 +256,8 @@ def main(argv=None):
         "tokens_per_s_ratio_median": statistics.median(ratios), "tokens_per_s_ratio_min": min(ratios),
         "tokens_per_s_ratio_max": max(ratios), "ratios": ratios,
         "step_ms": {name: statistics.median(t[name] for t in rounds) * 1e3 for name in ("ours", "nanoGPT")},
-        "val_nll": losses, "overrides": args.override, "nanogpt_compiled": args.nanogpt_compile, "seed": args.seed, "steps": args.steps, "rounds": args.rounds,
+        "val_nll": losses, "overrides": args.override, "nanogpt_compiled": args.nanogpt_compile, "seed": args.seed,
+        "steps": args.steps, "rounds": args.rounds,
         "characters": len(text), "vocab": vocab,
         "text": str(args.text) if args.text else "built-in corpus (stdlib)", "torch": torch.__version__,
         "threads": torch.get_num_threads(), "machine": platform.platform(),
